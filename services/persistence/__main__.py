@@ -1,0 +1,6 @@
+"""``python -m services.persistence``: write geo.upsert batches to geo_cache; answer re-resolve."""
+
+from services.persistence.bootstrap import run
+from shared.lifecycle import main
+
+raise SystemExit(main("persistence", run))

@@ -1,0 +1,91 @@
+"""Persistence handlers: apply upsert batches, and answer re-resolve with retries for the resolver.
+
+The AMQP layer acks a ``geo.upsert`` delivery only after ``on_geo_upsert_batch`` returns, that is
+after the commit; a locked or full database raises ``Transient`` so the batch is requeued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from services.persistence.repository import GeoRepository, is_transient
+from shared import topology
+from shared.errors import Transient
+from shared.ipnorm import is_routable, normalize_ip
+from shared.messages import MAX_IPS_PER_MESSAGE, GeoUpsertBatch, ReResolveStale, RetryUnresolved
+from shared.ports import Publisher
+
+
+@dataclass
+class PersistenceState:
+    batches: int = 0
+    rows: int = 0
+    retries_requested: int = 0
+
+
+@dataclass(frozen=True)
+class PersistenceDeps:
+    repository: GeoRepository
+    publisher: Publisher
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    state: PersistenceState = field(default_factory=PersistenceState)
+    log: structlog.typing.FilteringBoundLogger = field(
+        default_factory=lambda: structlog.get_logger("persistence")
+    )
+
+
+async def on_geo_upsert_batch(cmd: GeoUpsertBatch, deps: PersistenceDeps) -> None:
+    started = time.perf_counter()
+    async with deps.write_lock:  # one transaction at a time on the one connection
+        try:
+            changed = await deps.repository.upsert_many(cmd.rows)
+        except sqlite3.Error as exc:
+            if is_transient(exc):
+                raise Transient(f"geo_cache write failed: {exc}") from exc
+            raise
+    deps.state.batches += 1
+    deps.state.rows += len(cmd.rows)
+    deps.log.info(
+        "geo_upserts_applied",
+        batch_id=cmd.batch_id,
+        rows=len(cmd.rows),
+        changed=changed,
+        duration_ms=round((time.perf_counter() - started) * 1000, 1),
+    )
+
+
+async def on_re_resolve(cmd: ReResolveStale, deps: PersistenceDeps) -> None:
+    stored = await deps.repository.unresolved_ips()
+    ips = _retryable(stored)
+    batches = [
+        RetryUnresolved(tick_id=cmd.tick_id, ips=ips[i : i + MAX_IPS_PER_MESSAGE])
+        for i in range(0, len(ips), MAX_IPS_PER_MESSAGE)
+    ]
+    if batches:
+        await deps.publisher.publish(topology.RETRY, batches)
+    deps.state.retries_requested += len(ips)
+    deps.log.info(
+        "geo_re_resolve_ran",
+        tick_id=cmd.tick_id,
+        unresolved=len(stored),
+        retried=len(ips),
+        batches=len(batches),
+    )
+
+
+def _retryable(stored: list[str]) -> list[str]:
+    """Normalized, routable, distinct IPs; legacy rows may hold other spellings or junk."""
+    out: dict[str, None] = {}
+    for raw in stored:
+        try:
+            ip = normalize_ip(raw)
+        except ValueError:
+            continue
+        if is_routable(ip):
+            out[ip] = None
+    return list(out)

@@ -1,0 +1,107 @@
+"""Composition root of the resolver: the only place that names concrete adapters.
+
+``build_deps`` binds real or fake adapters into ``ResolverDeps``; ``run`` wires each queue to its
+model and handler and owns the AMQP connection's lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from functools import partial
+
+import structlog
+
+from services.resolver.cache import GeoCache
+from services.resolver.handlers import (
+    ResolverDeps,
+    flush,
+    on_flush_dirty,
+    on_ip_seen,
+    on_retry_unresolved,
+)
+from services.resolver.lookup import GeoLookup, ProviderChain
+from services.resolver.providers.embedded import EmbeddedProvider
+from shared import topology
+from shared.amqp import Amqp
+from shared.messages import FlushDirty, IpSeen, RetryUnresolved
+from shared.ports import Acker, Publisher
+from shared.settings import Settings
+
+
+def build_lookup(settings: Settings) -> GeoLookup:
+    factories = {"embedded": EmbeddedProvider}
+    return ProviderChain([factories[name]() for name in settings.provider_chain])
+
+
+def build_deps(
+    settings: Settings,
+    *,
+    lookup: GeoLookup,
+    publisher: Publisher,
+    acker: Acker,
+    clock: Callable[[], float] = time.time,
+) -> ResolverDeps:
+    return ResolverDeps(
+        cache=GeoCache(settings.cache_max_entries, settings.negative_ttl),
+        lookup=lookup,
+        publisher=publisher,
+        acker=acker,
+        clock=clock,
+        hold_limit=max(1, settings.prefetch // 2),
+        flush_max_dirty=settings.flush_max_dirty,
+    )
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    log = structlog.get_logger("resolver")
+    amqp = await Amqp.open(
+        settings.amqp_url,
+        service="resolver",
+        publish_timeout=settings.publish_timeout,
+        max_bytes=settings.max_message_bytes,
+    )
+    lookup = build_lookup(settings)
+    deps = build_deps(settings, lookup=lookup, publisher=amqp.publisher, acker=amqp)
+    try:
+        await amqp.consume(
+            topology.RESOLVER_IP_SEEN,
+            IpSeen,
+            prefetch=settings.prefetch,
+            deferred_handler=partial(on_ip_seen, deps=deps),
+        )
+        await amqp.consume(
+            topology.RESOLVER_RETRY,
+            RetryUnresolved,
+            prefetch=settings.prefetch,
+            deferred_handler=partial(on_retry_unresolved, deps=deps),
+        )
+        await amqp.consume(
+            topology.RESOLVER_FLUSH,
+            FlushDirty,
+            prefetch=4,
+            handler=partial(on_flush_dirty, deps=deps),
+        )
+        log.info("resolver_ready", provider=lookup.name, prefetch=settings.prefetch)
+        await stop.wait()
+    finally:
+        await amqp.stop_consuming(settings.drain_timeout)
+        if deps.state.background:
+            await asyncio.wait(deps.state.background, timeout=settings.drain_timeout)
+        try:
+            rows = await flush(deps, trigger="shutdown")
+            log.info("resolver_final_flush_ran", rows=rows)
+        except Exception as exc:  # held deliveries stay unacked: the broker redelivers them
+            log.warning("resolver_final_flush_failed", error=repr(exc))
+        await lookup.close()
+        await amqp.close()
+        log.info(
+            "resolver_counters",
+            cached=len(deps.cache),
+            lookups=deps.state.lookups,
+            flushes=deps.state.flushes,
+            rows_flushed=deps.state.rows_flushed,
+            cache_hits=deps.cache.hits,
+            cache_misses=deps.cache.misses,
+        )

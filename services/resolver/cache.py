@@ -1,0 +1,135 @@
+"""The resolver's memory: resolved entries (bounded, LRU), the dirty set not yet persisted, the
+entries in flight to persistence, and the negative cache of failed lookups.
+
+Pure and synchronous: the caller passes ``now`` and nothing here touches the clock, the network
+or the broker, so the flush and retry rules are unit-tested directly. ``take_dirty`` swaps the
+dirty set out in one step, so an ``ip.seen`` that arrives mid-flush lands in the next flush.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from services.resolver.geo import Geo
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyEntry:
+    ip: str
+    geo: Geo
+    resolved_at: float
+
+
+class GeoCache:
+    def __init__(self, max_entries: int, negative_ttl: float) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self.negative_ttl = negative_ttl
+        self._entries: OrderedDict[str, Geo] = OrderedDict()
+        self._dirty: dict[str, float] = {}
+        self._in_flight: set[str] = set()
+        self._negative_until: dict[str, float] = {}
+        self._interned: dict[Geo, Geo] = {}
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def dirty_count(self) -> int:
+        return len(self._dirty)
+
+    @property
+    def negative_count(self) -> int:
+        return len(self._negative_until)
+
+    def get(self, ip: str, now: float) -> Geo | None:
+        """The cached answer, or None when ``ip`` needs a lookup (unknown, or negative expired)."""
+        geo = self._entries.get(ip)
+        if geo is None:
+            self.misses += 1
+            return None
+        until = self._negative_until.get(ip)
+        if until is not None and now >= until and ip not in self._dirty:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(ip)
+        self.hits += 1
+        return geo
+
+    def missing(self, ips: Iterable[str], now: float) -> list[str]:
+        """The distinct IPs of ``ips`` that need a lookup, in first-seen order."""
+        seen: set[str] = set()
+        out: list[str] = []
+        for ip in ips:
+            if ip not in seen:
+                seen.add(ip)
+                if self.get(ip, now) is None:
+                    out.append(ip)
+        return out
+
+    def put(self, ip: str, geo: Geo, now: float) -> None:
+        """Store an answer and mark it dirty; a retryable failure starts its negative TTL."""
+        geo = self._interned.setdefault(geo, geo)
+        self._entries[ip] = geo
+        self._entries.move_to_end(ip)
+        self._dirty[ip] = now
+        if geo.retryable:
+            self._negative_until[ip] = now + self.negative_ttl
+        else:
+            self._negative_until.pop(ip, None)
+        self._evict()
+
+    def is_unpersisted(self, ip: str) -> bool:
+        """Whether the answer for ``ip`` has not yet been confirmed by the broker downstream."""
+        return ip in self._dirty or ip in self._in_flight
+
+    def take_dirty(self) -> list[DirtyEntry]:
+        """Swap out the dirty set; the entries stay pinned as in-flight until confirmed."""
+        dirty, self._dirty = self._dirty, {}
+        self._in_flight.update(dirty)
+        return [DirtyEntry(ip, self._entries[ip], at) for ip, at in dirty.items()]
+
+    def confirm_flushed(self, entries: Iterable[DirtyEntry]) -> None:
+        for entry in entries:
+            self._in_flight.discard(entry.ip)
+        self._evict()
+
+    def restore_dirty(self, entries: Iterable[DirtyEntry]) -> None:
+        """Put a failed flush back; answers that arrived meanwhile are newer and win."""
+        for entry in entries:
+            self._in_flight.discard(entry.ip)
+            self._dirty.setdefault(entry.ip, entry.resolved_at)
+
+    def forget_failures(self, ips: Iterable[str]) -> list[str]:
+        """Drop failed answers for ``ips`` so the next ``get`` looks them up again.
+
+        Returns the IPs that now need a lookup (the failed ones and the ones not cached).
+        """
+        out: list[str] = []
+        for ip in dict.fromkeys(ips):
+            geo = self._entries.get(ip)
+            if geo is None or geo.retryable:
+                self._negative_until.pop(ip, None)
+                if geo is not None and not self.is_unpersisted(ip):
+                    del self._entries[ip]
+                out.append(ip)
+        return out
+
+    def _evict(self) -> None:
+        # Unpersisted entries are pinned; they are skipped (moved to the back) a bounded
+        # number of times, so a cache full of dirty entries exceeds its bound until the flush.
+        budget = len(self._dirty) + len(self._in_flight) + 1
+        while len(self._entries) > self.max_entries and budget > 0:
+            ip, geo = self._entries.popitem(last=False)
+            if self.is_unpersisted(ip):
+                self._entries[ip] = geo
+                budget -= 1
+                continue
+            self._negative_until.pop(ip, None)
+            self.evictions += 1

@@ -1,0 +1,188 @@
+"""Resolver handlers: plain async functions of (message, deps), bound in ``bootstrap.py``.
+
+An ``ip.seen`` or ``geo.retry`` delivery is acked only once every answer it produced is confirmed
+by the broker inside a ``geo.upsert`` message (or was already): the delivery is held until the
+flush that carries its IPs. Holding is bounded: an early flush starts when the held deliveries
+reach half the prefetch or the dirty set reaches ``flush_max_dirty``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+
+from services.resolver.cache import DirtyEntry, GeoCache
+from services.resolver.geo import FAILED, NOT_GLOBAL, Geo
+from services.resolver.lookup import GeoLookup
+from shared import topology
+from shared.ipnorm import is_routable
+from shared.messages import (
+    MAX_ROWS_PER_UPSERT,
+    FlushDirty,
+    GeoRow,
+    GeoUpsertBatch,
+    IpSeen,
+    RetryUnresolved,
+)
+from shared.ports import Acker, Publisher, Ticket
+
+
+@dataclass
+class ResolverState:
+    """Mutable runtime state owned by one resolver instance (never module-level)."""
+
+    held: list[Ticket] = field(default_factory=list)
+    flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+    last_tick_id: str | None = None
+    flushes: int = 0
+    rows_flushed: int = 0
+    lookups: int = 0
+
+
+@dataclass(frozen=True)
+class ResolverDeps:
+    cache: GeoCache
+    lookup: GeoLookup
+    publisher: Publisher
+    acker: Acker
+    clock: Callable[[], float]
+    hold_limit: int
+    flush_max_dirty: int
+    state: ResolverState = field(default_factory=ResolverState)
+    log: structlog.typing.FilteringBoundLogger = field(
+        default_factory=lambda: structlog.get_logger("resolver")
+    )
+
+
+async def on_ip_seen(event: IpSeen, ticket: Ticket, deps: ResolverDeps) -> None:
+    ips = event.addresses
+    await _resolve(deps.cache.missing(ips, deps.clock()), deps)
+    await _hold_or_ack(ips, ticket, deps)
+
+
+async def on_retry_unresolved(cmd: RetryUnresolved, ticket: Ticket, deps: ResolverDeps) -> None:
+    again = deps.cache.forget_failures(cmd.ips)
+    await _resolve(again, deps)
+    deps.log.info("geo_retry_ran", tick_id=cmd.tick_id, ips=len(cmd.ips), looked_up=len(again))
+    await _hold_or_ack(cmd.ips, ticket, deps)
+
+
+async def on_flush_dirty(cmd: FlushDirty, deps: ResolverDeps) -> None:
+    if cmd.tick_id == deps.state.last_tick_id:
+        deps.log.info("geo_flush_duplicate_ignored", tick_id=cmd.tick_id)
+        return
+    await flush(deps, trigger=cmd.tick_id)
+    deps.state.last_tick_id = cmd.tick_id
+
+
+async def _resolve(ips: Sequence[str], deps: ResolverDeps) -> None:
+    """Look up ``ips`` (distinct, not cached) and put every answer, failures included, in cache."""
+    if not ips:
+        return
+    routable = [ip for ip in ips if is_routable(ip)]
+    answers: dict[str, Geo] = {}
+    if routable:
+        deps.state.lookups += len(routable)
+        try:
+            answers = dict(await deps.lookup.lookup(routable))
+        except Exception as exc:  # a provider failure is a negative, never a lost IP
+            deps.log.warning("geo_lookup_failed", ips=len(routable), error=repr(exc))
+    now = deps.clock()
+    for ip in routable:
+        deps.cache.put(ip, answers.get(ip, FAILED), now)
+    if len(routable) < len(ips):
+        for ip in set(ips).difference(routable):
+            deps.cache.put(ip, NOT_GLOBAL, now)
+
+
+async def _hold_or_ack(ips: Sequence[str], ticket: Ticket, deps: ResolverDeps) -> None:
+    if any(deps.cache.is_unpersisted(ip) for ip in ips):
+        deps.state.held.append(ticket)
+        if (
+            len(deps.state.held) >= deps.hold_limit
+            or deps.cache.dirty_count >= deps.flush_max_dirty
+        ):
+            request_flush(deps, trigger="size")
+    else:
+        await deps.acker.ack([ticket])
+
+
+def request_flush(deps: ResolverDeps, *, trigger: str) -> None:
+    """Start a flush in the background unless one is already waiting for the lock."""
+    state = deps.state
+    if any(not t.done() for t in state.background):
+        return
+    task = asyncio.create_task(_flush_logged(deps, trigger))
+    state.background.add(task)
+    task.add_done_callback(state.background.discard)
+
+
+async def _flush_logged(deps: ResolverDeps, trigger: str) -> None:
+    try:
+        await flush(deps, trigger=trigger)
+    except Exception as exc:  # the entries are back in the dirty set; the next flush retries
+        deps.log.warning("geo_cache_flush_failed", trigger=trigger, error=repr(exc))
+
+
+async def flush(deps: ResolverDeps, *, trigger: str) -> int:
+    """Publish every dirty entry as confirmed ``geo.upsert`` batches, then ack held deliveries.
+
+    Returns the number of rows published. On failure the entries go back to the dirty set and
+    the deliveries stay held, so the next flush carries them.
+    """
+    cache, state = deps.cache, deps.state
+    async with state.flush_lock:
+        started = time.perf_counter()
+        tickets, state.held = state.held, []
+        entries = cache.take_dirty()
+        batches = [
+            _batch(entries[i : i + MAX_ROWS_PER_UPSERT])
+            for i in range(0, len(entries), MAX_ROWS_PER_UPSERT)
+        ]
+        try:
+            if batches:
+                await deps.publisher.publish(topology.UPSERT, batches)
+        except BaseException:
+            cache.restore_dirty(entries)
+            state.held[:0] = tickets
+            raise
+        cache.confirm_flushed(entries)
+        await deps.acker.ack(tickets)
+        state.flushes += 1
+        state.rows_flushed += len(entries)
+        if entries or tickets:
+            deps.log.info(
+                "geo_cache_flush_ran",
+                trigger=trigger,
+                rows=len(entries),
+                batches=len(batches),
+                acked=len(tickets),
+                cached=len(cache),
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            )
+        return len(entries)
+
+
+def _batch(entries: Sequence[DirtyEntry]) -> GeoUpsertBatch:
+    # Internal, already-validated data: model_construct skips re-validating every row.
+    rows = [
+        GeoRow.model_construct(
+            ip=e.ip,
+            country_code=e.geo.country_code,
+            country_name=e.geo.country_name,
+            asn=e.geo.asn,
+            org=e.geo.org,
+            resolution=e.geo.resolution,
+            provider=e.geo.provider,
+            cached_at=datetime.fromtimestamp(e.resolved_at, UTC),
+        )
+        for e in entries
+    ]
+    return GeoUpsertBatch.model_construct(batch_id=uuid.uuid4().hex, rows=rows)

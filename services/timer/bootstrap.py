@@ -1,0 +1,65 @@
+"""Composition root of the timer: leader election, then the two cadences under one TaskGroup.
+
+Only the timer holding the ``geo.timer.leader`` exclusive queue publishes; others wait as
+standbys and take over when the leader's connection dies (the broker drops the queue then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import suppress
+
+import structlog
+
+from services.timer.ticker import Cadence, tick_forever
+from shared import topology
+from shared.amqp import Amqp
+from shared.messages import FlushDirty, ReResolveStale
+from shared.settings import Settings
+
+STANDBY_POLL = 1.0
+
+
+def cadences(settings: Settings) -> tuple[Cadence, Cadence]:
+    return (
+        Cadence("flush", topology.FLUSH, settings.flush_interval, _flush),
+        Cadence("re_resolve", topology.RE_RESOLVE, settings.re_resolve_interval, _re_resolve),
+    )
+
+
+def _flush(tick_id: str, issued_at: object) -> FlushDirty:
+    return FlushDirty.model_validate({"tick_id": tick_id, "issued_at": issued_at})
+
+
+def _re_resolve(tick_id: str, issued_at: object) -> ReResolveStale:
+    return ReResolveStale.model_validate({"tick_id": tick_id, "issued_at": issued_at})
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    log = structlog.get_logger("timer")
+    amqp = await Amqp.open(
+        settings.amqp_url,
+        service="timer",
+        publish_timeout=settings.publish_timeout,
+        max_bytes=settings.max_message_bytes,
+    )
+    try:
+        announced = False
+        while not await amqp.try_lead(topology.TIMER_LEADER_QUEUE):
+            if not announced:
+                log.info("timer_standby_waiting", lock=topology.TIMER_LEADER_QUEUE)
+                announced = True
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=STANDBY_POLL)
+            if stop.is_set():
+                return
+        log.info(
+            "timer_leading",
+            flush_interval=settings.flush_interval,
+            re_resolve_interval=settings.re_resolve_interval,
+        )
+        async with asyncio.TaskGroup() as group:
+            for cadence in cadences(settings):
+                group.create_task(tick_forever(cadence, amqp.publisher, stop))
+    finally:
+        await amqp.close()

@@ -1,0 +1,390 @@
+"""All AMQP plumbing, and the only module that imports aio_pika.
+
+It connects (robustly, with bounded retries), declares the topology, publishes models with
+publisher confirms, and consumes queues: it decodes each body into its model at the edge, sends
+what can never succeed to ``geo.dead_letter`` with the reason in a header, requeues transient
+failures after a back-off, and acks only after the handler's effect is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import aio_pika
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+    ExchangeType,
+)
+from aio_pika.exceptions import (
+    AMQPConnectionError,
+    ChannelInvalidStateError,
+)
+from aiormq.exceptions import ChannelLockedResource
+from pydantic import BaseModel
+
+from shared import topology
+from shared.acks import plan_acks
+from shared.decode import decode
+from shared.errors import Rejected, Transient
+from shared.ports import Ticket
+
+M = TypeVar("M", bound=BaseModel)
+
+log = structlog.get_logger("shared.amqp")
+
+CONNECT_ATTEMPTS = 30
+CONNECT_DELAY_MAX = 2.0
+TRANSIENT_BACKOFF = 1.0
+
+
+async def connect(url: str, *, attempts: int = CONNECT_ATTEMPTS) -> AbstractRobustConnection:
+    """Connect with a bounded number of retries, so any start order of broker and services works."""
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            connection = await aio_pika.connect_robust(url, timeout=10)
+        except (TimeoutError, AMQPConnectionError, OSError) as exc:
+            if attempt == attempts:
+                raise
+            log.warning(
+                "amqp_connect_failed",
+                attempt=attempt,
+                retry_in_s=delay,
+                error=str(exc) or repr(exc),
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, CONNECT_DELAY_MAX)
+            continue
+        connection.reconnect_callbacks.add(_log_reconnect)
+        connection.close_callbacks.add(_log_lost)
+        log.info("amqp_connected", attempt=attempt)
+        return connection
+    raise AssertionError("unreachable")
+
+
+def _log_reconnect(_connection: Any) -> None:
+    log.warning("amqp_connection_restored")
+
+
+def _log_lost(_connection: Any, exc: BaseException | None = None) -> None:
+    if exc is not None and not isinstance(exc, asyncio.CancelledError):
+        log.warning("amqp_connection_lost", error=str(exc) or repr(exc))
+
+
+async def open_channel(connection: AbstractRobustConnection, prefetch: int = 0) -> AbstractChannel:
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    if prefetch:
+        await channel.set_qos(prefetch_count=prefetch)
+    return channel
+
+
+async def declare_topology(channel: AbstractChannel) -> dict[str, AbstractQueue]:
+    """Declare exchanges, queues and bindings; safe to run from every service at every start."""
+    exchange = await channel.declare_exchange(topology.EXCHANGE, ExchangeType.TOPIC, durable=True)
+    dlx = await channel.declare_exchange(
+        topology.DEAD_LETTER_EXCHANGE, ExchangeType.TOPIC, durable=True
+    )
+    queues: dict[str, AbstractQueue] = {}
+    for spec, source in [(q, exchange) for q in topology.WORK_QUEUES] + [
+        (topology.DEAD_LETTER, dlx)
+    ]:
+        queue = await channel.declare_queue(
+            spec.name, durable=True, arguments=spec.declare_arguments() or None
+        )
+        for key in spec.routing_keys:
+            await queue.bind(source, routing_key=key)
+        queues[spec.name] = queue
+    return queues
+
+
+def _message(body: bytes, *, expiration: float | None, headers: dict[str, Any] | None) -> Any:
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        expiration=expiration,
+        headers=headers,
+    )
+
+
+class AmqpPublisher:
+    """Publishes on ``bangui`` with confirms; a group of publishes is confirmed together."""
+
+    def __init__(self, exchange: AbstractExchange, dlx: AbstractExchange, timeout: float) -> None:
+        self._exchange = exchange
+        self._dlx = dlx
+        self._timeout = timeout
+
+    @classmethod
+    async def create(cls, channel: AbstractChannel, confirm_timeout: float) -> AmqpPublisher:
+        exchange = await channel.get_exchange(topology.EXCHANGE)
+        dlx = await channel.get_exchange(topology.DEAD_LETTER_EXCHANGE)
+        return cls(exchange, dlx, confirm_timeout)
+
+    async def publish(
+        self, routing_key: str, messages: Sequence[BaseModel], *, expiration: float | None = None
+    ) -> None:
+        await self.publish_raw(
+            routing_key, [m.model_dump_json().encode() for m in messages], expiration=expiration
+        )
+
+    async def publish_raw(
+        self, routing_key: str, bodies: Sequence[bytes], *, expiration: float | None = None
+    ) -> None:
+        try:
+            await asyncio.gather(
+                *(
+                    self._exchange.publish(
+                        _message(body, expiration=expiration, headers=None),
+                        routing_key,
+                        timeout=self._timeout,
+                    )
+                    for body in bodies
+                )
+            )
+        except (TimeoutError, AMQPConnectionError, ChannelInvalidStateError) as exc:
+            raise Transient(f"publish to {routing_key} not confirmed: {exc!r}") from exc
+
+    async def dead_letter(
+        self, body: bytes, *, routing_key: str, reason: str, service: str, queue: str
+    ) -> None:
+        headers = {
+            topology.REASON_HEADER: reason,
+            topology.SERVICE_HEADER: service,
+            topology.QUEUE_HEADER: queue,
+            topology.ROUTING_KEY_HEADER: routing_key,
+        }
+        await self._dlx.publish(
+            _message(body, expiration=None, headers=headers), routing_key, timeout=self._timeout
+        )
+
+
+@dataclass(frozen=True)
+class AmqpTicket:
+    """A held delivery; the resolver acks it once the rows it produced are confirmed downstream."""
+
+    message: AbstractIncomingMessage
+    consumer: Consumer[Any]
+
+
+Handler = Callable[[M], Awaitable[None]]
+DeferredHandler = Callable[[M, AmqpTicket], Awaitable[None]]
+
+
+@dataclass
+class Consumer(Generic[M]):
+    """One queue, one channel, one model, one handler; counts what it did."""
+
+    service: str
+    queue: AbstractQueue
+    model: type[M]
+    handler: Handler[M] | None
+    deferred_handler: DeferredHandler[M] | None
+    publisher: AmqpPublisher
+    max_bytes: int
+    consumed: int = 0
+    dead_lettered: int = 0
+    requeued: int = 0
+    _tag: str | None = None
+    _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
+    _unsettled: dict[int, AbstractIncomingMessage] = field(default_factory=dict)
+
+    async def start(self) -> None:
+        self._tag = await self.queue.consume(self._on_message)
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop taking deliveries, then wait (bounded) for the ones being handled."""
+        if self._tag is not None:
+            with suppress(AMQPConnectionError, ChannelInvalidStateError, RuntimeError):
+                await self.queue.cancel(self._tag)
+            self._tag = None
+        pending = {t for t in self._in_flight if not t.done()}
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=drain_timeout)
+            for task in still:
+                task.cancel()
+
+    @property
+    def unsettled(self) -> int:
+        return len(self._unsettled)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        tag = message.delivery_tag
+        if tag is not None:
+            self._unsettled[tag] = message
+        try:
+            await self._handle(message)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        self.consumed += 1
+        try:
+            model = decode(self.model, message.body, self.max_bytes)
+            if self.deferred_handler is not None:
+                await self.deferred_handler(model, AmqpTicket(message, self))
+                return  # the handler settles the ticket later
+            assert self.handler is not None
+            await self.handler(model)
+        except Rejected as exc:
+            await self._reject(message, exc.reason)
+        except Transient as exc:
+            log.warning(
+                "message_requeued",
+                queue=self.queue.name,
+                reason=str(exc),
+                backoff_s=TRANSIENT_BACKOFF,
+            )
+            await asyncio.sleep(TRANSIENT_BACKOFF)
+            await self._settle(message, requeue=True)
+        except Exception as exc:
+            if message.redelivered:
+                log.exception("message_failed_twice", queue=self.queue.name)
+                await self._reject(message, f"handler failed on redelivery: {exc!r}"[:500])
+            else:
+                log.exception("message_failed", queue=self.queue.name)
+                await self._settle(message, requeue=True)
+        else:
+            await self._settle(message)
+
+    async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
+        self.dead_lettered += 1
+        log.warning(
+            "message_dead_lettered",
+            queue=self.queue.name,
+            routing_key=message.routing_key,
+            reason=reason,
+            bytes=len(message.body),
+        )
+        await self.publisher.dead_letter(
+            message.body,
+            routing_key=message.routing_key or "",
+            reason=reason,
+            service=self.service,
+            queue=self.queue.name,
+        )
+        await self._settle(message)
+
+    async def _settle(self, message: AbstractIncomingMessage, *, requeue: bool = False) -> None:
+        if message.delivery_tag is not None:
+            self._unsettled.pop(message.delivery_tag, None)
+        try:
+            if requeue:
+                self.requeued += 1
+                await message.nack(requeue=True)
+            else:
+                await message.ack()
+        except (AMQPConnectionError, ChannelInvalidStateError, RuntimeError) as exc:
+            # The channel is gone: the broker redelivers this message, nothing is lost.
+            log.warning("ack_skipped", queue=self.queue.name, error=repr(exc))
+
+    async def ack(self, tickets: Sequence[Ticket]) -> None:
+        """Ack held deliveries, with one ``multiple=True`` ack where the tags allow it."""
+        messages = [t.message for t in tickets if isinstance(t, AmqpTicket) and t.consumer is self]
+        current = [m for m in messages if self._unsettled.get(m.delivery_tag or -1) is m]
+        by_tag = {m.delivery_tag: m for m in current if m.delivery_tag is not None}
+        multiple, singles = plan_acks(self._unsettled.keys(), by_tag.keys())
+        try:
+            if multiple is not None:
+                for tag in [t for t in self._unsettled if t <= multiple]:
+                    del self._unsettled[tag]
+                await by_tag[multiple].ack(multiple=True)
+            for tag in singles:
+                self._unsettled.pop(tag, None)
+                await by_tag[tag].ack()
+        except (AMQPConnectionError, ChannelInvalidStateError, RuntimeError) as exc:
+            log.warning("ack_skipped", queue=self.queue.name, error=repr(exc))
+        stale = len(messages) - len(current)
+        if stale:
+            log.warning("ack_skipped", queue=self.queue.name, stale_deliveries=stale)
+
+
+@dataclass
+class Amqp:
+    """A service's connection, its publisher channel and its consumers; closed in reverse order."""
+
+    service: str
+    connection: AbstractRobustConnection
+    channel: AbstractChannel
+    publisher: AmqpPublisher
+    max_bytes: int
+    consumers: list[Consumer[Any]] = field(default_factory=list)
+    _channels: list[AbstractChannel] = field(default_factory=list)
+
+    @classmethod
+    async def open(cls, url: str, *, service: str, publish_timeout: float, max_bytes: int) -> Amqp:
+        connection = await connect(url)
+        channel = await open_channel(connection)
+        await declare_topology(channel)
+        publisher = await AmqpPublisher.create(channel, publish_timeout)
+        return cls(service, connection, channel, publisher, max_bytes)
+
+    async def consume(
+        self,
+        spec: topology.QueueSpec,
+        model: type[M],
+        *,
+        prefetch: int,
+        handler: Handler[M] | None = None,
+        deferred_handler: DeferredHandler[M] | None = None,
+    ) -> Consumer[M]:
+        """Start consuming ``spec`` on a channel of its own (so acks and prefetch are per queue)."""
+        channel = await open_channel(self.connection, prefetch)
+        self._channels.append(channel)
+        queue = await channel.get_queue(spec.name, ensure=True)
+        consumer = Consumer(
+            self.service, queue, model, handler, deferred_handler, self.publisher, self.max_bytes
+        )
+        await consumer.start()
+        self.consumers.append(consumer)
+        return consumer
+
+    async def ack(self, tickets: Sequence[Ticket]) -> None:
+        """Ack held deliveries from any of this service's consumers."""
+        for consumer in self.consumers:
+            mine = [t for t in tickets if isinstance(t, AmqpTicket) and t.consumer is consumer]
+            if mine:
+                await consumer.ack(mine)
+
+    async def try_lead(self, lock_name: str) -> bool:
+        """Try to become the one holder of ``lock_name``, an exclusive queue the broker deletes
+        when its holder's connection dies; False while another process holds it."""
+        channel = await self.connection.channel()
+        try:
+            await channel.declare_queue(lock_name, exclusive=True, durable=False)
+        except ChannelLockedResource:
+            await _close_quietly(channel)
+            return False
+        self._channels.append(channel)
+        return True
+
+    async def stop_consuming(self, drain_timeout: float) -> None:
+        deadline = time.monotonic() + drain_timeout
+        for consumer in self.consumers:
+            await consumer.stop(max(0.0, deadline - time.monotonic()))
+
+    async def close(self) -> None:
+        for channel in reversed([self.channel, *self._channels]):
+            await _close_quietly(channel)
+        await self.connection.close()
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    try:
+        await channel.close()
+    except Exception as exc:  # closing is best effort: the connection goes next
+        log.debug("amqp_channel_close_failed", error=repr(exc))

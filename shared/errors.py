@@ -1,0 +1,20 @@
+"""The two ways a handler can fail, which decide what happens to the message.
+
+``Rejected``: the message can never succeed, so it goes to ``geo.dead_letter`` with the reason.
+``Transient``: the world is not ready (broker confirm timed out, database locked), so the
+message is requeued after a back-off and nothing is lost.
+"""
+
+from __future__ import annotations
+
+
+class Rejected(Exception):
+    """The message can never be processed; it belongs in ``geo.dead_letter``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Transient(Exception):
+    """Processing failed for a reason that may pass; requeue the message after a back-off."""

@@ -1,0 +1,28 @@
+"""IP address normalization and the "is it worth a lookup" rule, pure and shared by all services.
+
+One spelling per address keeps the cache, the dirty set and the ``geo_cache`` primary key in step:
+compressed form, and IPv4-mapped IPv6 (``::ffff:1.2.3.4``) folded into plain IPv4.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+
+def normalize_ip(value: str) -> str:
+    """Return the canonical text of an IP address; raise ``ValueError`` naming the bad input."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        shown = value if len(value) <= 64 else value[:61] + "..."
+        raise ValueError(f"not an IPv4 or IPv6 address: {shown!r}") from None
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+    return address.compressed
+
+
+def is_routable(ip: str) -> bool:
+    """Whether a provider can say anything about ``ip`` (Python's ``is_global``)."""
+    return ipaddress.ip_address(ip).is_global

@@ -1,0 +1,123 @@
+"""Message bodies on the ``bangui`` exchange, as frozen pydantic models validated at the edge.
+
+Events are past-tense facts (``IpSeen``); commands are imperatives (``FlushDirty``,
+``ReResolveStale``, ``RetryUnresolved``, ``GeoUpsertBatch``). The field descriptions are the
+contract text; ``tests/unit/test_messages.py`` snapshots the JSON schema so changes show in review.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+from shared.ipnorm import normalize_ip
+
+MAX_IPS_PER_MESSAGE = 1000
+MAX_ROWS_PER_UPSERT = 1000
+
+Ip = Annotated[StrictStr, AfterValidator(normalize_ip)]
+
+
+class IpSeen(BaseModel):
+    """Event ``ip.seen``: a BanGUI component saw these addresses (e.g. fail2ban banned them).
+
+    Exactly one of ``ip`` or ``ips``. Other fields (``source``, ``jail``, ``seen_at``, ...) are
+    allowed and ignored, so publishers can add context without breaking us.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    ip: Ip | None = Field(
+        default=None, description="One IPv4 or IPv6 address.", examples=["8.8.8.8"]
+    )
+    ips: list[Ip] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_IPS_PER_MESSAGE,
+        description="1 to 1000 IPv4 or IPv6 addresses.",
+        examples=[["1.1.1.1", "2001:db8::1"]],
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> IpSeen:
+        if (self.ip is None) == (self.ips is None):
+            raise ValueError("exactly one of 'ip' or 'ips' is required")
+        return self
+
+    @property
+    def addresses(self) -> list[str]:
+        """The normalized addresses, in order, duplicates kept."""
+        return [self.ip] if self.ip is not None else list(self.ips or ())
+
+
+class FlushDirty(BaseModel):
+    """Command ``geo.flush``: publish every unpersisted cache entry to persistence now."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    tick_id: str = Field(description="Unique per tick, e.g. 'flush:1763812800.000'.")
+    issued_at: datetime = Field(description="When the timer sent it (UTC).")
+
+
+class ReResolveStale(BaseModel):
+    """Command ``geo.re_resolve``: find the unresolved, routable rows and have them retried."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    tick_id: str = Field(description="Unique per tick, e.g. 're_resolve:1763813400.000'.")
+    issued_at: datetime = Field(description="When the timer sent it (UTC).")
+
+
+class RetryUnresolved(BaseModel):
+    """Command ``geo.retry`` (persistence to resolver): look these IPs up again, ignoring the
+    negative cache; the answers reach ``geo_cache`` with the next flush."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    tick_id: str = Field(description="The re_resolve tick that asked for the retry.")
+    ips: list[Ip] = Field(min_length=1, max_length=MAX_IPS_PER_MESSAGE)
+
+
+class Resolution(StrEnum):
+    """Why a row has (or lacks) a country; decides whether re-resolve retries it."""
+
+    RESOLVED = "resolved"
+    FAILED = "failed"  # lookup failed or no provider knew it: retried by re-resolve
+    NOT_GLOBAL = "not_global"  # private, loopback, reserved...: never looked up, never retried
+    REJECTED = "rejected"  # a provider's final "no" (e.g. ip-api 'reserved range'): not retried
+
+
+class GeoRow(BaseModel):
+    """One ``geo_cache`` row as the resolver knows it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    ip: Ip
+    country_code: str | None = Field(default=None, max_length=2, examples=["US"])
+    country_name: str | None = Field(default=None, examples=["United States"])
+    asn: str | None = Field(default=None, examples=["AS15169"])
+    org: str | None = Field(default=None, examples=["Google LLC"])
+    resolution: Resolution
+    provider: str | None = Field(default=None, description="Which provider answered.")
+    cached_at: datetime = Field(description="When the resolver got the answer (UTC).")
+
+
+class GeoUpsertBatch(BaseModel):
+    """Command ``geo.upsert`` (resolver to persistence): write these rows in one transaction."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    batch_id: str = Field(description="Unique per batch, for logs and duplicate detection.")
+    rows: list[GeoRow] = Field(min_length=1, max_length=MAX_ROWS_PER_UPSERT)
+
+
+MESSAGE_MODELS: tuple[type[BaseModel], ...] = (
+    IpSeen,
+    FlushDirty,
+    ReResolveStale,
+    RetryUnresolved,
+    GeoUpsertBatch,
+)

@@ -1,0 +1,90 @@
+"""The one settings class of every service, read from ``GEO_*`` environment variables.
+
+The variable names are a public contract (README, docker-compose.yml); ``load_settings`` turns a
+bad value into one line that names the variable, so a misconfigured service stops at start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KNOWN_PROVIDERS = frozenset({"embedded"})
+
+
+class SettingsError(Exception):
+    """A ``GEO_*`` variable has a value the services cannot run with."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GEO_", extra="ignore", frozen=True)
+
+    amqp_url: str = Field(
+        default="amqp://guest:guest@localhost:5672/",
+        description="Broker URL; the vhost comes from its path.",
+    )
+    db_path: Path = Field(
+        default=Path("data/geo_cache.sqlite3"),
+        description="SQLite file holding geo_cache; its parent folder is created.",
+    )
+    flush_interval: float = Field(default=60.0, gt=0, description="Seconds between geo.flush.")
+    re_resolve_interval: float = Field(
+        default=600.0, gt=0, description="Seconds between geo.re_resolve."
+    )
+    provider: str = Field(default="embedded", description="Lookup provider (chain).")
+    cache_max_entries: int = Field(default=500_000, ge=1, description="Resolver cache bound.")
+    negative_ttl: float = Field(
+        default=300.0, ge=0, description="Seconds a failed lookup is not retried on ip.seen."
+    )
+    prefetch: int = Field(
+        default=2000, ge=2, le=65535, description="Unacked ip.seen deliveries the resolver holds."
+    )
+    flush_max_dirty: int = Field(
+        default=20_000, ge=1, description="Dirty entries that trigger an early flush."
+    )
+    drain_timeout: float = Field(
+        default=5.0, ge=0, le=8.0, description="Seconds to wait for in-flight work on shutdown."
+    )
+    max_message_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Larger bodies go to geo.dead_letter."
+    )
+    publish_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a confirm.")
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        chain = [part.strip() for part in value.split(",")]
+        unknown = [name for name in chain if name not in KNOWN_PROVIDERS]
+        if not value.strip() or unknown:
+            raise ValueError(
+                f"unknown provider {', '.join(unknown) or repr(value)}; "
+                f"choose from {', '.join(sorted(KNOWN_PROVIDERS))}"
+            )
+        return ",".join(chain)
+
+    @property
+    def provider_chain(self) -> tuple[str, ...]:
+        return tuple(self.provider.split(","))
+
+
+def load_settings() -> Settings:
+    """Read the environment; raise ``SettingsError`` naming the first bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        variable = f"GEO_{field.upper()}"
+        raise SettingsError(f"{variable}: {error['msg']} (got {error.get('input')!r})") from None

@@ -1,0 +1,60 @@
+"""Names of the exchanges, routing keys and queues, declared once here as plain data.
+
+Every service declares the whole topology at start (idempotently), so any start order works and
+no service depends on another having run first. Changing a queue's arguments is a breaking change:
+RabbitMQ refuses a redeclaration with different arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+EXCHANGE = "bangui"
+DEAD_LETTER_EXCHANGE = "bangui.dlx"
+DEAD_LETTER_QUEUE = "geo.dead_letter"
+
+IP_SEEN = "ip.seen"
+FLUSH = "geo.flush"
+RE_RESOLVE = "geo.re_resolve"
+UPSERT = "geo.upsert"
+RETRY = "geo.retry"
+
+# Dead-letter headers we add (the broker adds x-death for its own dead-lettering).
+REASON_HEADER = "x-geo-reject-reason"
+SERVICE_HEADER = "x-geo-rejected-by"
+QUEUE_HEADER = "x-geo-original-queue"
+ROUTING_KEY_HEADER = "x-geo-original-routing-key"
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    name: str
+    routing_keys: tuple[str, ...]
+    dead_letter: bool = True  # commands expire silently instead of piling into geo.dead_letter
+    arguments: dict[str, str | int] = field(default_factory=dict)
+
+    def declare_arguments(self) -> dict[str, Any]:
+        args: dict[str, Any] = dict(self.arguments)
+        if self.dead_letter:
+            args["x-dead-letter-exchange"] = DEAD_LETTER_EXCHANGE
+        return args
+
+
+RESOLVER_IP_SEEN = QueueSpec("geo.resolver.ip_seen", (IP_SEEN,))
+RESOLVER_RETRY = QueueSpec("geo.resolver.retry", (RETRY,))
+RESOLVER_FLUSH = QueueSpec("geo.resolver.flush", (FLUSH,), dead_letter=False)
+PERSISTENCE_UPSERT = QueueSpec("geo.persistence.upsert", (UPSERT,))
+PERSISTENCE_RE_RESOLVE = QueueSpec("geo.persistence.re_resolve", (RE_RESOLVE,), dead_letter=False)
+DEAD_LETTER = QueueSpec(DEAD_LETTER_QUEUE, ("#",), dead_letter=False)
+
+WORK_QUEUES: tuple[QueueSpec, ...] = (
+    RESOLVER_IP_SEEN,
+    RESOLVER_RETRY,
+    RESOLVER_FLUSH,
+    PERSISTENCE_UPSERT,
+    PERSISTENCE_RE_RESOLVE,
+)
+
+# Exclusive, server-named-by-us queue whose holder is the one active timer.
+TIMER_LEADER_QUEUE = "geo.timer.leader"
