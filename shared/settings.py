@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-KNOWN_PROVIDERS = frozenset({"embedded"})
+KNOWN_PROVIDERS = frozenset({"embedded", "ip-api", "mmdb"})
 
 
 class SettingsError(Exception):
@@ -34,7 +34,13 @@ class Settings(BaseSettings):
     re_resolve_interval: float = Field(
         default=600.0, gt=0, description="Seconds between geo.re_resolve."
     )
-    provider: str = Field(default="embedded", description="Lookup provider (chain).")
+    provider: str = Field(
+        default="embedded",
+        description="Provider or comma-separated chain of embedded, ip-api, mmdb.",
+    )
+    ipapi_url: str = Field(default="http://ip-api.com", description="ip-api base URL.")
+    mmdb_path: Path | None = Field(default=None, description="Country or City .mmdb file.")
+    mmdb_asn_path: Path | None = Field(default=None, description="Optional ASN .mmdb file.")
     cache_max_entries: int = Field(default=500_000, ge=1, description="Resolver cache bound.")
     negative_ttl: float = Field(
         default=300.0, ge=0, description="Seconds a failed lookup is not retried on ip.seen."
@@ -74,6 +80,19 @@ class Settings(BaseSettings):
             )
         return ",".join(chain)
 
+    @field_validator("ipapi_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _mmdb_needs_path(self) -> Settings:
+        if "mmdb" in self.provider_chain and self.mmdb_path is None:
+            raise ValueError("GEO_MMDB_PATH is required when GEO_PROVIDER includes mmdb")
+        return self
+
     @property
     def provider_chain(self) -> tuple[str, ...]:
         return tuple(self.provider.split(","))
@@ -85,6 +104,6 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = str(error["loc"][0]) if error["loc"] else "?"
+        field = str(error["loc"][0]) if error["loc"] else "mmdb_path"
         variable = f"GEO_{field.upper()}"
         raise SettingsError(f"{variable}: {error['msg']} (got {error.get('input')!r})") from None
