@@ -104,6 +104,8 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = str(error["loc"][0]) if error["loc"] else "mmdb_path"
-        variable = f"GEO_{field.upper()}"
-        raise SettingsError(f"{variable}: {error['msg']} (got {error.get('input')!r})") from None
+        message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:  # a rule across variables names its variable itself
+            raise SettingsError(message) from None
+        variable = f"GEO_{str(error['loc'][0]).upper()}"
+        raise SettingsError(f"{variable}: {message} (got {error.get('input')!r})") from None
