@@ -1,0 +1,129 @@
+"""Where the integration tests get their RabbitMQ, and one fresh vhost per test.
+
+``GEO_TEST_AMQP_URL`` wins; otherwise a ``rabbitmq:3-management`` container through
+testcontainers where a Docker engine answers; otherwise the tests fail with the reason (never a
+silent skip: CI must prove the services against a real broker). Vhosts are created through the
+management HTTP API, or ``rabbitmqctl`` on the broker's own machine when the API is not enabled.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit, urlunsplit
+
+
+class BrokerUnavailable(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class BrokerAdmin:
+    """The broker's root URL (no vhost) and how to reach its management API."""
+
+    amqp_url: str
+    management_url: str
+    user: str
+    password: str
+
+    def url_for(self, vhost: str) -> str:
+        parts = urlsplit(self.amqp_url)
+        return urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), "", ""))
+
+    def _api(self, method: str, path: str, body: object | None = None) -> None:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.management_url + path, data=data, method=method)
+        token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+    def api_available(self) -> bool:
+        try:
+            self._api("GET", "/api/overview")
+        except (urllib.error.URLError, OSError):
+            return False
+        return True
+
+    def create_vhost(self, name: str) -> None:
+        if self.api_available():
+            self._api("PUT", f"/api/vhosts/{quote(name, safe='')}")
+            self._api(
+                "PUT",
+                f"/api/permissions/{quote(name, safe='')}/{quote(self.user, safe='')}",
+                {"configure": ".*", "write": ".*", "read": ".*"},
+            )
+            return
+        ctl = shutil.which("rabbitmqctl")
+        if ctl is None:
+            raise BrokerUnavailable(
+                f"cannot create a test vhost: management API at {self.management_url} is not "
+                "reachable (run `rabbitmq-plugins enable rabbitmq_management`) and rabbitmqctl "
+                "is not installed"
+            )
+        subprocess.run([ctl, "add_vhost", name], check=True, capture_output=True)
+        subprocess.run(
+            [ctl, "set_permissions", "-p", name, self.user, ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+        )
+
+    def delete_vhost(self, name: str) -> None:
+        if self.api_available():
+            self._api("DELETE", f"/api/vhosts/{quote(name, safe='')}")
+        elif ctl := shutil.which("rabbitmqctl"):
+            subprocess.run([ctl, "delete_vhost", name], check=False, capture_output=True)
+
+    def new_vhost(self) -> str:
+        name = f"bangui-geo-test-{uuid.uuid4().hex[:12]}"
+        self.create_vhost(name)
+        return name
+
+
+def _from_url(url: str, management_url: str | None) -> BrokerAdmin:
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    return BrokerAdmin(
+        amqp_url=urlunsplit((parts.scheme, parts.netloc, "/", "", "")),
+        management_url=management_url or f"http://{host}:15672",
+        user=parts.username or "guest",
+        password=parts.password or "guest",
+    )
+
+
+def docker_engine_running() -> bool:
+    docker = shutil.which("docker")
+    if docker is None:
+        return False
+    probe = subprocess.run([docker, "info"], capture_output=True, check=False, timeout=20)
+    return probe.returncode == 0
+
+
+def start_broker(env_url: str | None, management_url: str | None, stack: ExitStack) -> BrokerAdmin:
+    """Return the broker to test against, or raise ``BrokerUnavailable`` saying why."""
+    if env_url:
+        return _from_url(env_url, management_url)
+    if not docker_engine_running():
+        raise BrokerUnavailable(
+            "no RabbitMQ for the integration tests: set GEO_TEST_AMQP_URL "
+            "(e.g. amqp://guest:guest@127.0.0.1:5672/) or run where a Docker engine answers "
+            "so testcontainers can start rabbitmq:3-management"
+        )
+    from testcontainers.rabbitmq import RabbitMqContainer
+
+    container: AbstractContextManager[RabbitMqContainer] = RabbitMqContainer(
+        "rabbitmq:3-management"
+    ).with_exposed_ports(5672, 15672)
+    running = stack.enter_context(container)
+    host = running.get_container_host_ip()
+    amqp_port = running.get_exposed_port(5672)
+    mgmt_port = running.get_exposed_port(15672)
+    return _from_url(f"amqp://guest:guest@{host}:{amqp_port}/", f"http://{host}:{mgmt_port}")

@@ -1,0 +1,99 @@
+"""In-memory stand-ins for the ports, so handlers are tested through the real code paths
+without a broker, a database or a network (cosmicpython's pattern)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from services.resolver.geo import Geo
+from shared.messages import GeoRow, Resolution
+from shared.ports import Ticket
+
+
+@dataclass
+class FakePublisher:
+    """Records what would be published; ``fail_next`` makes the next publish raise."""
+
+    published: list[tuple[str, BaseModel, float | None]] = field(default_factory=list)
+    fail_next: BaseException | None = None
+
+    async def publish(
+        self, routing_key: str, messages: Sequence[BaseModel], *, expiration: float | None = None
+    ) -> None:
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        self.published.extend((routing_key, m, expiration) for m in messages)
+
+    def on(self, routing_key: str) -> list[BaseModel]:
+        return [m for key, m, _ in self.published if key == routing_key]
+
+
+@dataclass(frozen=True)
+class FakeTicket:
+    name: str
+
+
+@dataclass
+class FakeAcker:
+    acked: list[Ticket] = field(default_factory=list)
+
+    async def ack(self, tickets: Sequence[Ticket]) -> None:
+        self.acked.extend(tickets)
+
+
+@dataclass
+class FakeLookup:
+    """Answers from a fixed table; records every call; ``broken`` makes lookups raise."""
+
+    answers: Mapping[str, Geo]
+    name: str = "fake"
+    calls: list[list[str]] = field(default_factory=list)
+    broken: bool = False
+    closed: bool = False
+
+    async def lookup(self, ips: Sequence[str]) -> Mapping[str, Geo]:
+        self.calls.append(list(ips))
+        if self.broken:
+            raise ConnectionError("provider down")
+        return {ip: self.answers[ip] for ip in ips if ip in self.answers}
+
+    async def close(self) -> None:
+        self.closed = True
+
+    @property
+    def looked_up(self) -> list[str]:
+        return [ip for call in self.calls for ip in call]
+
+
+@dataclass
+class ManualClock:
+    now: float = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class InMemoryGeoRepository:
+    rows: dict[str, GeoRow] = field(default_factory=dict)
+    commits: int = 0
+
+    async def upsert_many(self, rows: Sequence[GeoRow]) -> int:
+        for row in rows:
+            self.rows[row.ip] = row
+        self.commits += 1
+        return len(rows)
+
+    async def unresolved_ips(self) -> list[str]:
+        return [
+            ip
+            for ip, row in self.rows.items()
+            if row.country_code is None and row.resolution is Resolution.FAILED
+        ]
