@@ -24,5 +24,7 @@ def normalize_ip(value: str) -> str:
 
 
 def is_routable(ip: str) -> bool:
-    """Whether a provider can say anything about ``ip`` (Python's ``is_global``)."""
-    return ipaddress.ip_address(ip).is_global
+    """Whether a provider can say anything about ``ip``: Python's ``is_global``, minus multicast
+    (which ``is_global`` counts as global but no geolocation source covers)."""
+    address = ipaddress.ip_address(ip)
+    return address.is_global and not address.is_multicast

@@ -197,3 +197,14 @@ async def async_poll(
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {deadline_s}s waiting for {what}; last: {last!r}")
+
+
+async def ready_count(amqp_url: str, queue_name: str) -> int:
+    """Messages ready in ``queue_name`` (delivered-but-unacked ones are not counted)."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+    finally:
+        await connection.close()

@@ -1,0 +1,259 @@
+"""The whole pipeline against a real RabbitMQ and a real SQLite file: the three services run as
+subprocesses by their contract start commands, in a fresh vhost per test."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import iptocc
+import pycountry
+import pytest
+
+from shared.ipnorm import is_routable, normalize_ip
+from tests.integration.support import (
+    ServiceProcess,
+    async_poll,
+    drain_queue,
+    publish,
+    read_rows,
+    ready_count,
+    service_env,
+    wait_for_topology,
+)
+
+pytestmark = pytest.mark.integration
+
+SERVICES = ("resolver", "timer", "persistence")
+
+
+class Pipeline:
+    def __init__(self, amqp_url: str, tmp_path: Path) -> None:
+        self.amqp_url = amqp_url
+        self.db_path = tmp_path / "db" / "geo_cache.sqlite3"
+        self.tmp_path = tmp_path
+        self.processes: dict[str, ServiceProcess] = {}
+
+    def start(self, name: str, **env: str) -> ServiceProcess:
+        process = ServiceProcess(
+            name,
+            service_env(self.amqp_url, self.db_path, **env),
+            self.tmp_path / f"{name}.log",
+        ).start()
+        self.processes[name] = process
+        return process
+
+    def rows(self) -> dict[str, tuple[Any, ...]]:
+        return read_rows(self.db_path)
+
+    def stop_all(self) -> dict[str, int]:
+        return {name: p.stop() for name, p in self.processes.items() if p.process is not None}
+
+
+@pytest.fixture
+def pipeline(amqp_url: str, tmp_path: Path) -> Iterator[Pipeline]:
+    pipe = Pipeline(amqp_url, tmp_path)
+    yield pipe
+    for process in pipe.processes.values():
+        if process.running:
+            process.kill()
+
+
+def expected_row(ip: str) -> tuple[str | None, str | None, str]:
+    """(country_code, country_name, resolution) computed from the embedded data directly."""
+    if not is_routable(ip):
+        return None, None, "not_global"
+    code = iptocc.country_code(ip)
+    if code is None:
+        return None, None, "failed"
+    country = pycountry.countries.get(alpha_2=code)
+    return code, (country.name if country else None), "resolved"
+
+
+def summary(rows: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    return {ip: (r[0], r[1], r[5]) for ip, r in rows.items()}
+
+
+async def test_mixed_burst_becomes_exact_rows_and_malformed_is_dead_lettered(
+    pipeline: Pipeline,
+) -> None:
+    # Any start order: the timer first, then persistence; the resolver last, after publishing.
+    pipeline.start("timer")
+    pipeline.start("persistence")
+    await wait_for_topology(pipeline.amqp_url)
+
+    public_v4 = [f"{a}.{b}.{c}.{d}" for a, b, c, d in _sample_public_v4(1500)]
+    public_v6 = ["2001:4860:4860::8888", "2a00:1450:4001:82a::200e", "2400:cb00:2048:1::c629:d7a2"]
+    mapped = ["::ffff:8.8.4.4", "::FFFF:1.0.0.1"]
+    private = [
+        "10.1.2.3",
+        "192.168.0.7",
+        "127.0.0.1",
+        "169.254.9.9",
+        "100.64.1.1",
+        "::1",
+        "fd00::5",
+    ]
+    unresolvable = ["192.88.99.1", "3fff::1"]
+    bodies: list[Any] = []
+    bodies += [{"ip": ip, "source": "test", "jail": "sshd"} for ip in public_v4[:1200]]
+    bodies += [{"ips": public_v4[i : i + 100]} for i in range(1200, 1500, 100)]
+    bodies += [{"ip": ip} for ip in public_v6 + mapped + private + unresolvable]
+    bodies += [{"ips": [*public_v4[:50], "2001:4860:4860:0:0:0:0:8888"]}]  # duplicates
+    bodies += [{"ip": ip} for ip in public_v4[:200]]  # duplicates again, single
+    malformed: list[bytes] = [
+        b"not json at all",
+        b'{"ip": 12345}',
+        b'{"ip": "300.1.2.3"}',
+        b'{"ips": []}',
+        b'{"ips": ["1.1.1.1", "nope"]}',
+        b'{"ip": "1.1.1.1", "ips": ["1.1.1.1"]}',
+        b"[1, 2, 3]",
+        b'{"ips": [' + b",".join(b'"1.1.1.1"' for _ in range(1001)) + b"]}",
+        b"\xff\xfe\x00garbage",
+    ]
+    # Interleave malformed bodies so the messages around them are processed normally.
+    step = len(bodies) // len(malformed)
+    for i, bad in enumerate(malformed):
+        bodies.insert((i + 1) * step, bad)
+    await publish(pipeline.amqp_url, "ip.seen", bodies)
+    pipeline.start("resolver")
+
+    all_ips = {normalize_ip(ip) for ip in public_v4 + public_v6 + mapped + private + unresolvable}
+    expected = {ip: expected_row(ip) for ip in all_ips}
+
+    async def complete() -> bool:
+        return summary(pipeline.rows()) == expected
+
+    await async_poll(complete, deadline_s=30, what="geo_cache to hold exactly the expected rows")
+    rows = pipeline.rows()
+    assert "8.8.4.4" in rows
+    assert "1.0.0.1" in rows
+    assert "::ffff:8.8.4.4" not in rows
+    assert rows["2001:4860:4860::8888"][0] == "US"
+    assert all(r[4].endswith("Z") and r[4][10] == "T" for r in rows.values())  # ISO-8601 UTC
+    resolved = [r for r in rows.values() if r[5] == "resolved"]
+    assert all(r[1] for r in resolved), "every resolved row has a country name"
+    assert len(resolved) > 1400
+
+    dead = await drain_queue(pipeline.amqp_url, "geo.dead_letter")
+    assert sorted(m.body for m in dead) == sorted(malformed)
+    reasons = {m.body: str((m.headers or {})["x-geo-reject-reason"]) for m in dead}
+    assert "not valid JSON" in reasons[b"not json at all"]
+    assert "300.1.2.3" in reasons[b'{"ip": "300.1.2.3"}']
+    assert "1000" in reasons[malformed[7]]
+    assert all((m.headers or {})["x-geo-original-routing-key"] == "ip.seen" for m in dead)
+
+    assert all(p.running for p in pipeline.processes.values()), "every service still runs"
+    assert pipeline.stop_all() == {name: 0 for name in SERVICES}
+
+
+async def test_shutdown_flushes_what_the_resolver_holds(pipeline: Pipeline) -> None:
+    # No timer and a long interval: only the resolver's final flush on SIGTERM can write rows.
+    pipeline.start("persistence")
+    resolver = pipeline.start("resolver", GEO_FLUSH_INTERVAL="3600")
+    await wait_for_topology(pipeline.amqp_url)
+    await publish(pipeline.amqp_url, "ip.seen", [{"ips": ["8.8.8.8", "1.1.1.1", "10.0.0.1"]}])
+    await async_poll(
+        lambda: any(e.get("event") == "resolver_ready" for e in resolver.log_events()),
+        deadline_s=10,
+        what="resolver ready",
+    )
+    await async_poll(lambda: _all_delivered(pipeline), deadline_s=10, what="delivery held")
+    assert pipeline.rows() == {}
+    assert resolver.stop() == 0
+
+    async def written() -> bool:
+        return set(pipeline.rows()) == {"8.8.8.8", "1.1.1.1", "10.0.0.1"}
+
+    await async_poll(written, deadline_s=10, what="final flush persisted")
+    assert pipeline.processes["persistence"].stop() == 0
+
+
+async def test_killed_resolver_loses_nothing(pipeline: Pipeline) -> None:
+    # The resolver acks ip.seen only once the geo.upsert carrying it is confirmed, so a
+    # SIGKILL before any flush leaves the deliveries in the queue for the next resolver.
+    pipeline.start("persistence")
+    first = pipeline.start("resolver", GEO_FLUSH_INTERVAL="3600")
+    await wait_for_topology(pipeline.amqp_url)
+    ips = [f"{a}.{b}.{c}.{d}" for a, b, c, d in _sample_public_v4(300)]
+    await publish(pipeline.amqp_url, "ip.seen", [{"ip": ip} for ip in ips])
+    await async_poll(lambda: _all_delivered(pipeline), deadline_s=10, what="resolver holds all")
+    assert pipeline.rows() == {}
+    first.kill()
+    pipeline.start("resolver")
+    pipeline.start("timer")
+
+    async def all_rows() -> bool:
+        return set(pipeline.rows()) == set(ips)
+
+    await async_poll(all_rows, deadline_s=20, what="all IPs persisted after the restart")
+
+
+async def test_re_resolve_round_trip(pipeline: Pipeline) -> None:
+    # Rows left unresolved earlier (a provider outage, or the original BanGUI's table) are
+    # retried; not-global and rejected rows never are.
+    pipeline.db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(pipeline.db_path) as db:
+        db.execute(
+            "CREATE TABLE geo_cache (ip TEXT PRIMARY KEY, country_code TEXT, country_name TEXT,"
+            " asn TEXT, org TEXT, cached_at TEXT NOT NULL)"  # the original BanGUI's columns
+        )
+        db.executemany(
+            "INSERT INTO geo_cache (ip, cached_at) VALUES (?, '2020-01-01T00:00:00.000000Z')",
+            [("8.8.8.8",), ("1.1.1.1",), ("2a00:1450:4001:82a::200e",), ("10.0.0.1",)],
+        )
+    pipeline.start("persistence")
+    await wait_for_topology(pipeline.amqp_url)
+    with sqlite3.connect(pipeline.db_path) as db:  # schema migrated: add a failed, a rejected row
+        db.execute(
+            "INSERT INTO geo_cache VALUES ('9.9.9.9', NULL, NULL, NULL, NULL,"
+            " '2020-01-01T00:00:00.000000Z', 'failed', 'ip-api')"
+        )
+        db.execute(
+            "INSERT INTO geo_cache VALUES ('4.4.4.4', NULL, NULL, NULL, NULL,"
+            " '2020-01-01T00:00:00.000000Z', 'rejected', 'ip-api')"
+        )
+    pipeline.start("resolver")
+    pipeline.start("timer", GEO_RE_RESOLVE_INTERVAL="1.0")
+
+    async def retried() -> bool:
+        rows = pipeline.rows()
+        return all(
+            rows[ip][0] for ip in ("8.8.8.8", "1.1.1.1", "2a00:1450:4001:82a::200e", "9.9.9.9")
+        )
+
+    await async_poll(retried, deadline_s=20, what="unresolved rows resolved by re-resolve")
+    rows = pipeline.rows()
+    assert rows["8.8.8.8"][:2] == ("US", "United States")
+    assert rows["9.9.9.9"][5] == "resolved"
+    assert rows["10.0.0.1"][0] is None  # a legacy private row is never sent for retry
+    assert rows["4.4.4.4"][0] is None
+    assert rows["4.4.4.4"][5] == "rejected"
+    retries = [
+        e
+        for e in pipeline.processes["persistence"].log_events()
+        if e.get("event") == "geo_re_resolve_ran"
+    ]
+    assert retries
+    assert retries[0]["retried"] == 4
+    assert pipeline.stop_all() == {name: 0 for name in SERVICES}
+
+
+async def _all_delivered(pipeline: Pipeline) -> bool:
+    """Nothing ready in ip.seen: the resolver holds every delivery (none is persisted yet)."""
+    return await ready_count(pipeline.amqp_url, "geo.resolver.ip_seen") == 0
+
+
+def _sample_public_v4(n: int) -> list[tuple[int, int, int, int]]:
+    """Deterministic public IPv4 addresses spread over the address space."""
+    out: list[tuple[int, int, int, int]] = []
+    x = 0x9E3779B9
+    while len(out) < n:
+        x = (x * 1103515245 + 12345) & 0xFFFFFFFF
+        parts = ((x >> 24) & 255, (x >> 16) & 255, (x >> 8) & 255, x & 255)
+        if is_routable(".".join(map(str, parts))):
+            out.append(parts)
+    return out
