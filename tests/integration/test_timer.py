@@ -1,0 +1,151 @@
+"""The timer against a real broker: fixed cadence, tick ids, message TTL, one active timer."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from tests.integration.support import ServiceProcess, async_poll, service_env
+
+pytestmark = pytest.mark.integration
+
+FLUSH = 0.4
+RE_RESOLVE = 1.2
+
+
+class Tap:
+    """A private queue bound to the timer's routing keys, recording what arrives and when."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[float, str, dict[str, str], str | None]] = []
+
+    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        body = json.loads(message.body)
+        expiration = message.expiration
+        self.received.append(
+            (
+                time.monotonic(),
+                message.routing_key or "",
+                body,
+                None if expiration is None else str(expiration),
+            )
+        )
+        await message.ack()
+
+    def ticks(self, routing_key: str) -> list[str]:
+        return [body["tick_id"] for _, key, body, _ in self.received if key == routing_key]
+
+
+@pytest.fixture
+async def tap(amqp_url: str) -> AsyncIterator[tuple[Tap, aio_pika.abc.AbstractQueue]]:
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange("bangui", "topic", durable=True)
+    queue = await channel.declare_queue("test.timer_tap", exclusive=True)
+    await queue.bind(exchange, "geo.flush")
+    await queue.bind(exchange, "geo.re_resolve")
+    recorder = Tap()
+    await queue.consume(recorder.on_message)
+    yield recorder, queue
+    await connection.close()
+
+
+def start_timer(amqp_url: str, tmp_path: Path, name: str) -> ServiceProcess:
+    env = service_env(
+        amqp_url,
+        tmp_path / "unused.sqlite3",
+        GEO_FLUSH_INTERVAL=str(FLUSH),
+        GEO_RE_RESOLVE_INTERVAL=str(RE_RESOLVE),
+    )
+    return ServiceProcess("timer", env, tmp_path / f"{name}.log").start()
+
+
+def tick_epochs(ticks: list[str]) -> list[float]:
+    return [float(t.split(":", 1)[1]) for t in ticks]
+
+
+async def test_fixed_cadence_tick_ids_and_ttl(
+    amqp_url: str, tmp_path: Path, tap: tuple[Tap, aio_pika.abc.AbstractQueue]
+) -> None:
+    recorder, _ = tap
+    timer = start_timer(amqp_url, tmp_path, "timer")
+    await async_poll(
+        lambda: len(recorder.ticks("geo.re_resolve")) >= 2, deadline_s=15, what="two re_resolves"
+    )
+    assert timer.stop() == 0
+
+    flushes = tick_epochs(recorder.ticks("geo.flush"))
+    re_resolves = tick_epochs(recorder.ticks("geo.re_resolve"))
+    # Tick k is due at start + k * interval: ids are exactly one interval apart, none repeated.
+    assert [round(b - a, 3) for a, b in itertools.pairwise(flushes)] == [FLUSH] * (len(flushes) - 1)
+    assert round(re_resolves[1] - re_resolves[0], 3) == RE_RESOLVE
+    # The first re-resolve comes one full interval after start: flush ticks 1 and 2 precede it.
+    start = flushes[0] - FLUSH
+    assert round(re_resolves[0] - start, 3) == RE_RESOLVE
+    order = [key for _, key, _, _ in recorder.received]
+    assert order.index("geo.re_resolve") >= 2
+    # Each command expires after one interval (aio-pika reports the expiration in seconds).
+    expirations = {(key, float(exp or 0)) for _, key, _, exp in recorder.received}
+    assert expirations == {("geo.flush", FLUSH), ("geo.re_resolve", RE_RESOLVE)}
+
+
+async def test_stale_commands_expire_instead_of_piling_up(amqp_url: str, tmp_path: Path) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange("bangui", "topic", durable=True)
+        queue = await channel.declare_queue("test.nobody_consumes", exclusive=True)
+        await queue.bind(exchange, "geo.flush")
+        timer = start_timer(amqp_url, tmp_path, "timer")
+        await asyncio.sleep(FLUSH * 8)  # about eight ticks with no consumer
+        assert timer.stop() == 0
+        waiting = await channel.declare_queue("test.nobody_consumes", passive=True)
+        count = waiting.declaration_result.message_count
+        log_ticks = [e for e in timer.log_events() if e.get("event") == "timer_tick_published"]
+        flush_ticks = [e for e in log_ticks if e["cadence"] == "flush"]
+        assert len(flush_ticks) >= 6
+        assert count is not None
+        assert count <= 2, f"{count} stale flush commands kept of {len(flush_ticks)} published"
+    finally:
+        await connection.close()
+
+
+async def test_one_active_timer_and_takeover(
+    amqp_url: str, tmp_path: Path, tap: tuple[Tap, aio_pika.abc.AbstractQueue]
+) -> None:
+    recorder, _ = tap
+    leader = start_timer(amqp_url, tmp_path, "leader")
+    await async_poll(lambda: len(recorder.ticks("geo.flush")) >= 1, deadline_s=10, what="a tick")
+    standby = start_timer(amqp_url, tmp_path, "standby")
+    await async_poll(
+        lambda: any(e.get("event") == "timer_standby_waiting" for e in standby.log_events()),
+        deadline_s=10,
+        what="second timer to wait as standby",
+    )
+    before = len(recorder.ticks("geo.flush"))
+    await asyncio.sleep(FLUSH * 6)
+    during = recorder.ticks("geo.flush")[before:]
+    epochs = tick_epochs(during)
+    # One stream: consecutive ids one interval apart, never two commands for one interval.
+    assert len(during) >= 4
+    assert [round(b - a, 3) for a, b in itertools.pairwise(epochs)] == [FLUSH] * (len(epochs) - 1)
+
+    leader.kill()  # SIGKILL: the broker drops its exclusive lock queue with the connection
+    killed_at = time.monotonic()
+    count = len(recorder.received)
+    await async_poll(
+        lambda: any(e.get("event") == "timer_leading" for e in standby.log_events()),
+        deadline_s=10,
+        what="standby takes over",
+    )
+    await async_poll(lambda: len(recorder.received) > count, deadline_s=10, what="ticks resume")
+    resumed_after = recorder.received[count][0] - killed_at
+    assert resumed_after < 5.0
+    assert standby.stop() == 0
