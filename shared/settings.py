@@ -39,6 +39,16 @@ class Settings(BaseSettings):
         description="Provider or comma-separated chain of embedded, ip-api, mmdb.",
     )
     ipapi_url: str = Field(default="http://ip-api.com", description="ip-api base URL.")
+    ipapi_requests_per_window: int = Field(
+        default=15, ge=1, description="ip-api batch requests allowed per window (documented: 15)."
+    )
+    ipapi_window: float = Field(
+        default=60.0, gt=0, description="Seconds of ip-api's rate window (documented: 60)."
+    )
+    ipapi_timeout: float = Field(default=10.0, gt=0, description="Seconds per ip-api request.")
+    ipapi_max_wait: float = Field(
+        default=300.0, gt=0, description="Seconds an IP may queue for ip-api before it fails."
+    )
     mmdb_path: Path | None = Field(default=None, description="Country or City .mmdb file.")
     mmdb_asn_path: Path | None = Field(default=None, description="Optional ASN .mmdb file.")
     cache_max_entries: int = Field(default=500_000, ge=1, description="Resolver cache bound.")

@@ -1,0 +1,63 @@
+# Shared by scripts/test and scripts/demo: a project virtualenv and a local RabbitMQ.
+# Sourced, not run. Idempotent: a second call costs a hash comparison and a port probe.
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${GEO_VENV:-$REPO_ROOT/.venv}"
+PY="$VENV/bin/python"
+
+ensure_venv() {
+  if [ ! -x "$PY" ]; then
+    echo "==> creating virtualenv $VENV"
+    python3 -m venv "$VENV"
+  fi
+  local stamp="$VENV/.bangui-geo-installed" want
+  want="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "==> installing bangui-geo and its test dependencies"
+    if ! { "$PY" -m pip install --upgrade pip && "$PY" -m pip install -e "$REPO_ROOT[test]"; } \
+        >"$VENV/install.log" 2>&1; then
+      cat "$VENV/install.log" >&2
+      echo "installing bangui-geo failed (log above)" >&2
+      return 1
+    fi
+    echo "$want" > "$stamp"
+  fi
+}
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+# Start the local broker if it is installed and stopped; wait until it takes connections.
+ensure_rabbitmq() {
+  local url="${1:-amqp://guest:guest@127.0.0.1:5672/}" hostport host port
+  hostport="${url#*://}"; hostport="${hostport#*@}"; hostport="${hostport%%/*}"
+  host="${hostport%%:*}"; port="${hostport##*:}"; [ "$port" = "$hostport" ] && port=5672
+  if port_open "$host" "$port"; then return 0; fi
+  case "$host" in localhost|127.0.0.1|::1) ;; *)
+    echo "RabbitMQ at $host:$port is not reachable (and it is not local, so not started here)" >&2
+    return 1 ;;
+  esac
+  if ! command -v rabbitmq-server >/dev/null 2>&1; then
+    echo "RabbitMQ is not running on $host:$port and rabbitmq-server is not installed" >&2
+    return 1
+  fi
+  echo "==> starting RabbitMQ (rabbitmq-server -detached)"
+  rabbitmq-server -detached || true
+  for _ in $(seq 1 120); do
+    if port_open "$host" "$port"; then
+      rabbitmqctl await_startup >/dev/null 2>&1 || true
+      return 0
+    fi
+    sleep 1
+  done
+  echo "RabbitMQ did not open $host:$port within 120 s" >&2
+  return 1
+}
+
+# The management API makes per-test vhosts fast; tests fall back to rabbitmqctl without it.
+ensure_rabbitmq_management() {
+  if port_open 127.0.0.1 15672; then return 0; fi
+  command -v rabbitmq-plugins >/dev/null 2>&1 || return 0
+  rabbitmq-plugins enable rabbitmq_management >/dev/null 2>&1 || return 0
+  for _ in $(seq 1 30); do port_open 127.0.0.1 15672 && return 0; sleep 1; done
+  return 0
+}

@@ -1,0 +1,194 @@
+"""Bring the whole pipeline up locally, feed it a sample of ip.seen events, watch rows arrive
+and print the "bans by country" summary. Run through ``scripts/demo`` (which also installs the
+project and starts RabbitMQ); ``--once`` exits after the summary instead of running on."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aio_pika
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ("persistence", "resolver", "timer")
+
+
+def sample_events(count: int, seed: int = 2026) -> tuple[list[bytes], set[str]]:
+    """Mixed ip.seen bodies (single, bulk, IPv6, mapped, private, duplicates, two malformed)."""
+    rng = random.Random(seed)
+    v4: list[str] = []
+    while len(v4) < count:
+        address = ipaddress.IPv4Address(rng.getrandbits(32))
+        if address.is_global and not address.is_multicast:
+            v4.append(str(address))
+    v6 = [
+        f"2a0{rng.randint(0, 9)}:{rng.getrandbits(16):x}::{rng.getrandbits(16):x}"
+        for _ in range(50)
+    ]
+    private = ["10.0.0.8", "192.168.1.20", "172.16.5.4", "127.0.0.1", "fd12:3456::1", "100.64.0.9"]
+    mapped = [f"::ffff:{ip}" for ip in v4[:20]]
+    bodies: list[dict[str, object]] = [{"ip": ip, "source": "demo", "jail": "sshd"} for ip in v4]
+    bodies += [{"ips": v4[i : i + 250]} for i in range(0, min(len(v4), 1000), 250)]  # duplicates
+    bodies += [{"ip": ip} for ip in v6 + private + mapped]
+    rng.shuffle(bodies)
+    raw = [json.dumps(b).encode() for b in bodies]
+    raw += [b"this is not json", b'{"ip": "999.1.2.3"}']  # -> geo.dead_letter
+    expected = set(v4) | {str(ipaddress.ip_address(ip)) for ip in v6} | set(private)
+    return raw, expected
+
+
+async def publish(url: str, bodies: list[bytes]) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange("bangui")
+        for start in range(0, len(bodies), 500):
+            await asyncio.gather(
+                *(
+                    exchange.publish(aio_pika.Message(b, delivery_mode=2), "ip.seen")
+                    for b in bodies[start : start + 500]
+                )
+            )
+
+
+async def wait_for_exchange(url: str, deadline_s: float = 30) -> None:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            connection = await aio_pika.connect(url)
+            async with connection:
+                channel = await connection.channel()
+                await channel.get_exchange("bangui", ensure=True)
+                return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.3)
+
+
+async def dead_letters(url: str) -> int:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("geo.dead_letter", passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+def count_rows(db_path: Path, ips: set[str]) -> tuple[int, int]:
+    """(rows for the sample's IPs, of which resolved)."""
+    if not db_path.exists():
+        return 0, 0
+    with sqlite3.connect(db_path, timeout=5) as db:
+        try:
+            rows = db.execute("SELECT ip, country_code FROM geo_cache").fetchall()
+        except sqlite3.OperationalError:
+            return 0, 0
+    mine = [r for r in rows if r[0] in ips]
+    return len(mine), sum(1 for r in mine if r[1])
+
+
+def by_country(db_path: Path, top: int = 15) -> str:
+    with sqlite3.connect(db_path, timeout=5) as db:
+        rows = db.execute(
+            "SELECT COALESCE(country_code, '--'), COALESCE(country_name, '(unresolved)'), COUNT(*)"
+            " FROM geo_cache GROUP BY 1, 2 ORDER BY 3 DESC, 1"
+        ).fetchall()
+    total = sum(r[2] for r in rows)
+    lines = [f"{'code':<5} {'country':<40} {'IPs':>7}", "-" * 54]
+    lines += [f"{code:<5} {name[:40]:<40} {n:>7}" for code, name, n in rows[:top]]
+    rest = sum(r[2] for r in rows[top:])
+    if rest:
+        lines.append(f"{'':<5} {f'({len(rows) - top} more countries)':<40} {rest:>7}")
+    lines += ["-" * 54, f"{'':<5} {'total':<40} {total:>7}"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--once", action="store_true", help="exit after the summary")
+    parser.add_argument("--events", type=int, default=2500, help="single-IP events to publish")
+    args = parser.parse_args()
+
+    env = dict(os.environ)
+    env.setdefault("GEO_FLUSH_INTERVAL", "2")
+    env.setdefault("GEO_RE_RESOLVE_INTERVAL", "30")
+    env.setdefault("GEO_LOG_FORMAT", "json")
+    url = env.setdefault("GEO_AMQP_URL", "amqp://guest:guest@localhost:5672/")
+    db_path = Path(env.setdefault("GEO_DB_PATH", "data/geo_cache.sqlite3"))
+    if not db_path.is_absolute():
+        db_path = REPO_ROOT / db_path
+    logs = db_path.parent / "demo-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    print(f"==> starting resolver, timer and persistence (logs in {logs})")
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=(logs / f"{name}.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        for name in SERVICES
+    }
+    try:
+        asyncio.run(wait_for_exchange(url))
+        bodies, expected = sample_events(args.events)
+        print(f"==> publishing {len(bodies)} ip.seen messages ({len(expected)} distinct IPs)")
+        asyncio.run(publish(url, bodies))
+        deadline = time.monotonic() + 90
+        last = (-1, -1)
+        while time.monotonic() < deadline:
+            rows, resolved = count_rows(db_path, expected)
+            if (rows, resolved) != last:
+                print(f"    geo_cache: {rows:>5} of {len(expected)} rows, {resolved} resolved")
+                last = (rows, resolved)
+            if rows == len(expected):
+                break
+            dead = [n for n, p in processes.items() if p.poll() is not None]
+            if dead:
+                print(f"service(s) exited early: {dead}; see {logs}", file=sys.stderr)
+                return 1
+            time.sleep(1)
+        else:
+            print("rows did not all arrive within 90 s", file=sys.stderr)
+            return 1
+        print("\n==> bans by country (geo_cache)\n" + by_country(db_path))
+        print(f"\n==> geo.dead_letter holds {asyncio.run(dead_letters(url))} rejected messages")
+        if not args.once:
+            print("\npipeline running; publish more ip.seen events or press Ctrl-C to stop")
+            while all(p.poll() is None for p in processes.values()):
+                time.sleep(1)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in processes.items():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                print(f"{name} did not stop within 10 s", file=sys.stderr)
+        print("==> services stopped")
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""One spelling per address, and the rule that decides whether an address is worth a lookup."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.ipnorm import is_routable, normalize_ip
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("8.8.8.8", "8.8.8.8"),
+        ("2001:4860:4860:0:0:0:0:8888", "2001:4860:4860::8888"),
+        ("2001:4860:4860:0000:0000:0000:0000:8888", "2001:4860:4860::8888"),
+        ("2001:DB8::A", "2001:db8::a"),
+        ("::ffff:1.2.3.4", "1.2.3.4"),
+        ("::FFFF:8.8.8.8", "8.8.8.8"),
+        ("::ffff:0102:0304", "1.2.3.4"),
+        ("::1", "::1"),
+    ],
+)
+def test_normalize_gives_the_canonical_spelling(raw: str, normal: str) -> None:
+    assert normalize_ip(raw) == normal
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["01.2.3.4", "1.2.3.04", "not-an-ip", "", "1.2.3", "256.1.1.1", "1.2.3.4/32", " 1.2.3.4", ":::1"],
+)
+def test_normalize_rejects_garbage_naming_the_input(raw: str) -> None:
+    with pytest.raises(ValueError, match="not an IPv4 or IPv6 address") as info:
+        normalize_ip(raw)
+    assert repr(raw) in str(info.value)
+
+
+def test_normalize_shortens_a_huge_input_in_its_message() -> None:
+    with pytest.raises(ValueError, match="not an IPv4") as info:
+        normalize_ip("x" * 10_000)
+    assert len(str(info.value)) < 120
+
+
+@pytest.mark.parametrize(
+    "ip",
+    [
+        "10.0.0.1",  # private
+        "172.16.5.4",
+        "192.168.1.1",
+        "fc00::1",  # unique local
+        "127.0.0.1",  # loopback
+        "::1",
+        "169.254.1.1",  # link-local
+        "fe80::1",
+        "100.64.0.1",  # shared address space (CGNAT)
+        "100.127.255.254",
+        "0.0.0.0",  # unspecified
+        "::",
+        "240.0.0.1",  # reserved
+        "255.255.255.255",
+        "192.0.2.1",  # documentation
+        "198.51.100.7",
+        "203.0.113.9",
+        "2001:db8::1",
+    ],
+)
+def test_non_global_addresses_are_not_routable(ip: str) -> None:
+    assert not is_routable(ip)
+
+
+@pytest.mark.parametrize(
+    "ip", ["8.8.8.8", "1.1.1.1", "193.0.6.139", "2001:4860:4860::8888", "2606:4700:4700::1111"]
+)
+def test_public_addresses_are_routable(ip: str) -> None:
+    assert is_routable(ip)

@@ -1,0 +1,151 @@
+"""The message contract: what each model accepts and refuses, and a snapshot of the JSON schemas
+so that any contract change shows up in review (rewrite it with GEO_UPDATE_SNAPSHOTS=1)."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from shared.messages import (
+    MESSAGE_MODELS,
+    GeoRow,
+    GeoUpsertBatch,
+    IpSeen,
+    Resolution,
+    RetryUnresolved,
+)
+
+SNAPSHOT = Path(__file__).with_name("message_schemas.json")
+WHEN = datetime(2027, 1, 15, 8, 0, tzinfo=UTC)
+
+
+def ips(n: int) -> list[str]:
+    return [f"11.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}" for i in range(n)]
+
+
+def row(ip: str = "8.8.8.8", **overrides: Any) -> dict[str, Any]:
+    return {"ip": ip, "resolution": "failed", "cached_at": WHEN.isoformat(), **overrides}
+
+
+def test_ip_seen_single() -> None:
+    event = IpSeen.model_validate({"ip": "::ffff:8.8.8.8"})
+    assert event.ip == "8.8.8.8"
+    assert event.ips is None
+    assert event.addresses == ["8.8.8.8"]
+
+
+def test_ip_seen_bulk_keeps_order_and_duplicates_normalized() -> None:
+    event = IpSeen.model_validate({"ips": ["1.1.1.1", "2001:DB8::1", "1.1.1.1"]})
+    assert event.addresses == ["1.1.1.1", "2001:db8::1", "1.1.1.1"]
+
+
+def test_ip_seen_ignores_extra_fields() -> None:
+    event = IpSeen.model_validate_json(
+        b'{"ip": "8.8.8.8", "source": "fail2ban", "jail": "sshd", "seen_at": 1}'
+    )
+    assert event.addresses == ["8.8.8.8"]
+    assert "jail" not in event.model_dump()
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"ip": "8.8.8.8", "ips": ["1.1.1.1"]}, {"ip": None, "ips": None}]
+)
+def test_ip_seen_needs_exactly_one_of_ip_or_ips(body: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="exactly one of 'ip' or 'ips'"):
+        IpSeen.model_validate(body)
+
+
+def test_ip_seen_takes_up_to_1000_ips() -> None:
+    assert len(IpSeen(ips=ips(1000)).addresses) == 1000
+    with pytest.raises(ValidationError, match="at most 1000"):
+        IpSeen(ips=ips(1001))
+
+
+def test_ip_seen_refuses_an_empty_list() -> None:
+    with pytest.raises(ValidationError, match="at least 1"):
+        IpSeen.model_validate({"ips": []})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"ip": 134744072}, {"ip": ["8.8.8.8"]}, {"ips": ["8.8.8.8", 5]}, {"ips": "8.8.8.8"}],
+)
+def test_ip_seen_refuses_non_strings(body: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="valid (string|array)"):
+        IpSeen.model_validate_json(json.dumps(body))
+
+
+def test_ip_seen_refuses_a_bad_address_naming_it() -> None:
+    with pytest.raises(ValidationError, match="not an IPv4 or IPv6 address: 'nope'"):
+        IpSeen.model_validate({"ips": ["8.8.8.8", "nope"]})
+
+
+def test_models_are_frozen() -> None:
+    event = IpSeen(ip="8.8.8.8")
+    with pytest.raises(ValidationError, match="frozen"):
+        event.ip = "1.1.1.1"  # type: ignore[misc]
+
+
+def test_retry_unresolved_normalizes_and_bounds_its_ips() -> None:
+    cmd = RetryUnresolved.model_validate({"tick_id": "re_resolve:1.000", "ips": ["::ffff:1.2.3.4"]})
+    assert cmd.ips == ["1.2.3.4"]
+    with pytest.raises(ValidationError, match="at least 1"):
+        RetryUnresolved(tick_id="t", ips=[])
+    with pytest.raises(ValidationError, match="at most 1000"):
+        RetryUnresolved(tick_id="t", ips=ips(1001))
+    with pytest.raises(ValidationError, match="tick_id"):
+        RetryUnresolved.model_validate({"ips": ["8.8.8.8"]})
+
+
+def test_geo_upsert_batch_takes_1_to_1000_rows() -> None:
+    batch = GeoUpsertBatch.model_validate(
+        {"batch_id": "b", "rows": [row(ip) for ip in ips(1000)]}
+    )
+    assert len(batch.rows) == 1000
+    with pytest.raises(ValidationError, match="at least 1"):
+        GeoUpsertBatch.model_validate({"batch_id": "b", "rows": []})
+    with pytest.raises(ValidationError, match="at most 1000"):
+        GeoUpsertBatch.model_validate({"batch_id": "b", "rows": [row(ip) for ip in ips(1001)]})
+
+
+def test_geo_row_validates_its_fields() -> None:
+    parsed = GeoRow.model_validate(
+        row("::ffff:8.8.8.8", country_code="US", resolution="resolved", provider="embedded")
+    )
+    assert parsed.ip == "8.8.8.8"
+    assert parsed.resolution is Resolution.RESOLVED
+    assert parsed.cached_at == WHEN
+    with pytest.raises(ValidationError, match="country_code"):
+        GeoRow.model_validate(row(country_code="USA"))
+    with pytest.raises(ValidationError, match="resolution"):
+        GeoRow.model_validate(row(resolution="maybe"))
+
+
+def current_schemas() -> dict[str, Any]:
+    return {model.__name__: model.model_json_schema() for model in MESSAGE_MODELS}
+
+
+def render(schemas: dict[str, Any]) -> str:
+    return json.dumps(schemas, sort_keys=True, indent=2) + "\n"
+
+
+def test_message_schemas_match_the_snapshot() -> None:
+    text = render(current_schemas())
+    if os.environ.get("GEO_UPDATE_SNAPSHOTS") == "1":
+        SNAPSHOT.write_text(text, encoding="utf-8")
+    assert SNAPSHOT.exists(), f"{SNAPSHOT.name} is missing: run with GEO_UPDATE_SNAPSHOTS=1"
+    assert SNAPSHOT.read_text(encoding="utf-8") == text, (
+        "the message contract changed: review the diff, then rerun with GEO_UPDATE_SNAPSHOTS=1"
+    )
+
+
+def test_the_snapshot_covers_every_message_model() -> None:
+    names = set(json.loads(SNAPSHOT.read_text(encoding="utf-8")))
+    assert names == {model.__name__ for model in MESSAGE_MODELS}
+    assert {"IpSeen", "FlushDirty", "ReResolveStale", "RetryUnresolved", "GeoUpsertBatch"} <= names
