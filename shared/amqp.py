@@ -37,6 +37,7 @@ from shared.acks import plan_acks
 from shared.decode import decode
 from shared.errors import Rejected, Transient
 from shared.ports import Ticket
+from shared.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -88,7 +89,9 @@ async def open_channel(connection: AbstractRobustConnection, prefetch: int = 0) 
     return channel
 
 
-async def declare_topology(channel: AbstractChannel) -> dict[str, AbstractQueue]:
+async def declare_topology(
+    channel: AbstractChannel, queue_type: topology.QueueType = "classic"
+) -> dict[str, AbstractQueue]:
     """Declare exchanges, queues and bindings; safe to run from every service at every start."""
     exchange = await channel.declare_exchange(topology.EXCHANGE, ExchangeType.TOPIC, durable=True)
     dlx = await channel.declare_exchange(
@@ -99,7 +102,7 @@ async def declare_topology(channel: AbstractChannel) -> dict[str, AbstractQueue]
         (topology.DEAD_LETTER, dlx)
     ]:
         queue = await channel.declare_queue(
-            spec.name, durable=True, arguments=spec.declare_arguments() or None
+            spec.name, durable=True, arguments=spec.declare_arguments(queue_type) or None
         )
         for key in spec.routing_keys:
             await queue.bind(source, routing_key=key)
@@ -326,12 +329,12 @@ class Amqp:
     _channels: list[AbstractChannel] = field(default_factory=list)
 
     @classmethod
-    async def open(cls, url: str, *, service: str, publish_timeout: float, max_bytes: int) -> Amqp:
-        connection = await connect(url)
+    async def open(cls, settings: Settings, *, service: str) -> Amqp:
+        connection = await connect(settings.amqp_url)
         channel = await open_channel(connection)
-        await declare_topology(channel)
-        publisher = await AmqpPublisher.create(channel, publish_timeout)
-        return cls(service, connection, channel, publisher, max_bytes)
+        await declare_topology(channel, settings.queue_type)
+        publisher = await AmqpPublisher.create(channel, settings.publish_timeout)
+        return cls(service, connection, channel, publisher, settings.max_message_bytes)
 
     async def consume(
         self,
@@ -346,6 +349,34 @@ class Amqp:
         channel = await open_channel(self.connection, prefetch)
         self._channels.append(channel)
         queue = await channel.get_queue(spec.name, ensure=True)
+        return await self._start(queue, model, handler, deferred_handler)
+
+    async def consume_private(
+        self,
+        name: str,
+        routing_keys: Sequence[str],
+        model: type[M],
+        *,
+        prefetch: int,
+        handler: Handler[M],
+    ) -> Consumer[M]:
+        """Consume an exclusive queue of this process's own, so it gets a copy of every message
+        with ``routing_keys`` (e.g. each resolver replica gets every geo.flush)."""
+        channel = await open_channel(self.connection, prefetch)
+        self._channels.append(channel)
+        queue = await channel.declare_queue(name, exclusive=True, durable=False)
+        exchange = await channel.get_exchange(topology.EXCHANGE)
+        for key in routing_keys:
+            await queue.bind(exchange, routing_key=key)
+        return await self._start(queue, model, handler, None)
+
+    async def _start(
+        self,
+        queue: AbstractQueue,
+        model: type[M],
+        handler: Handler[M] | None,
+        deferred_handler: DeferredHandler[M] | None,
+    ) -> Consumer[M]:
         consumer = Consumer(
             self.service, queue, model, handler, deferred_handler, self.publisher, self.max_bytes
         )

@@ -7,8 +7,8 @@ RabbitMQ refuses a redeclaration with different arguments.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 EXCHANGE = "bangui"
 DEAD_LETTER_EXCHANGE = "bangui.dlx"
@@ -27,34 +27,47 @@ QUEUE_HEADER = "x-geo-original-queue"
 ROUTING_KEY_HEADER = "x-geo-original-routing-key"
 
 
+QueueType = Literal["classic", "quorum"]
+
+
 @dataclass(frozen=True)
 class QueueSpec:
     name: str
     routing_keys: tuple[str, ...]
     dead_letter: bool = True  # commands expire silently instead of piling into geo.dead_letter
-    arguments: dict[str, str | int] = field(default_factory=dict)
+    single_active: bool = False  # one consumer at a time; the others wait as hot standbys
 
-    def declare_arguments(self) -> dict[str, Any]:
-        args: dict[str, Any] = dict(self.arguments)
+    def declare_arguments(self, queue_type: QueueType = "classic") -> dict[str, Any]:
+        args: dict[str, Any] = {}
         if self.dead_letter:
             args["x-dead-letter-exchange"] = DEAD_LETTER_EXCHANGE
+        if self.single_active:
+            args["x-single-active-consumer"] = True
+        if queue_type == "quorum":  # classic is the broker default: no argument, as before
+            args["x-queue-type"] = "quorum"
         return args
 
 
 RESOLVER_IP_SEEN = QueueSpec("geo.resolver.ip_seen", (IP_SEEN,))
 RESOLVER_RETRY = QueueSpec("geo.resolver.retry", (RETRY,))
-RESOLVER_FLUSH = QueueSpec("geo.resolver.flush", (FLUSH,), dead_letter=False)
-PERSISTENCE_UPSERT = QueueSpec("geo.persistence.upsert", (UPSERT,))
-PERSISTENCE_RE_RESOLVE = QueueSpec("geo.persistence.re_resolve", (RE_RESOLVE,), dead_letter=False)
+# Persistence is the single writer of the SQLite file: a second instance waits as a standby.
+PERSISTENCE_UPSERT = QueueSpec("geo.persistence.upsert", (UPSERT,), single_active=True)
+PERSISTENCE_RE_RESOLVE = QueueSpec(
+    "geo.persistence.re_resolve", (RE_RESOLVE,), dead_letter=False, single_active=True
+)
 DEAD_LETTER = QueueSpec(DEAD_LETTER_QUEUE, ("#",), dead_letter=False)
 
 WORK_QUEUES: tuple[QueueSpec, ...] = (
     RESOLVER_IP_SEEN,
     RESOLVER_RETRY,
-    RESOLVER_FLUSH,
     PERSISTENCE_UPSERT,
     PERSISTENCE_RE_RESOLVE,
 )
+
+# Every resolver replica gets every geo.flush: each declares its own exclusive queue named
+# with this prefix (plus host and pid, for the management UI), gone when the replica is.
+RESOLVER_FLUSH_PREFIX = "geo.resolver.flush."
+RESOLVER_FLUSH_KEYS = (FLUSH,)
 
 # Exclusive, server-named-by-us queue whose holder is the one active timer.
 TIMER_LEADER_QUEUE = "geo.timer.leader"

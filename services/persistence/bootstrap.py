@@ -21,12 +21,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     log = structlog.get_logger("persistence")
     repository = await SqliteGeoRepository.open(settings.db_path)
     try:
-        amqp = await Amqp.open(
-            settings.amqp_url,
-            service="persistence",
-            publish_timeout=settings.publish_timeout,
-            max_bytes=settings.max_message_bytes,
-        )
+        amqp = await Amqp.open(settings, service="persistence")
     except BaseException:
         await repository.close()
         raise

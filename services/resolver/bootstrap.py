@@ -7,6 +7,8 @@ model and handler and owns the AMQP connection's lifetime.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import Callable
 from functools import partial
@@ -23,6 +25,8 @@ from services.resolver.handlers import (
 )
 from services.resolver.lookup import GeoLookup, ProviderChain
 from services.resolver.providers.embedded import EmbeddedProvider
+from services.resolver.providers.ipapi import IpApiProvider
+from services.resolver.providers.mmdb import MmdbProvider
 from shared import topology
 from shared.amqp import Amqp
 from shared.messages import FlushDirty, IpSeen, RetryUnresolved
@@ -31,7 +35,11 @@ from shared.settings import Settings
 
 
 def build_lookup(settings: Settings) -> GeoLookup:
-    factories = {"embedded": EmbeddedProvider}
+    factories: dict[str, Callable[[], GeoLookup]] = {
+        "embedded": EmbeddedProvider,
+        "ip-api": partial(IpApiProvider.from_settings, settings),
+        "mmdb": partial(MmdbProvider.from_settings, settings),
+    }
     return ProviderChain([factories[name]() for name in settings.provider_chain])
 
 
@@ -56,12 +64,7 @@ def build_deps(
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     log = structlog.get_logger("resolver")
-    amqp = await Amqp.open(
-        settings.amqp_url,
-        service="resolver",
-        publish_timeout=settings.publish_timeout,
-        max_bytes=settings.max_message_bytes,
-    )
+    amqp = await Amqp.open(settings, service="resolver")
     lookup = build_lookup(settings)
     deps = build_deps(settings, lookup=lookup, publisher=amqp.publisher, acker=amqp)
     try:
@@ -77,8 +80,9 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             prefetch=settings.prefetch,
             deferred_handler=partial(on_retry_unresolved, deps=deps),
         )
-        await amqp.consume(
-            topology.RESOLVER_FLUSH,
+        await amqp.consume_private(
+            f"{topology.RESOLVER_FLUSH_PREFIX}{socket.gethostname()}.{os.getpid()}",
+            topology.RESOLVER_FLUSH_KEYS,
             FlushDirty,
             prefetch=4,
             handler=partial(on_flush_dirty, deps=deps),

@@ -37,12 +37,7 @@ def _re_resolve(tick_id: str, issued_at: object) -> ReResolveStale:
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     log = structlog.get_logger("timer")
-    amqp = await Amqp.open(
-        settings.amqp_url,
-        service="timer",
-        publish_timeout=settings.publish_timeout,
-        max_bytes=settings.max_message_bytes,
-    )
+    amqp = await Amqp.open(settings, service="timer")
     try:
         announced = False
         while not await amqp.try_lead(topology.TIMER_LEADER_QUEUE):
