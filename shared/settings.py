@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         default=1_048_576, ge=1024, description="Larger bodies go to geo.dead_letter."
     )
     publish_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a confirm.")
+    queue_type: Literal["classic", "quorum"] = Field(
+        default="classic", description="quorum for replicated queues on a RabbitMQ cluster."
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -99,8 +102,21 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _mmdb_needs_path(self) -> Settings:
-        if "mmdb" in self.provider_chain and self.mmdb_path is None:
+        if "mmdb" not in self.provider_chain:
+            return self  # services that do not read the files need not see them
+        if self.mmdb_path is None:
             raise ValueError("GEO_MMDB_PATH is required when GEO_PROVIDER includes mmdb")
+        for variable, path in (
+            ("GEO_MMDB_PATH", self.mmdb_path),
+            ("GEO_MMDB_ASN_PATH", self.mmdb_asn_path),
+        ):
+            if path is None:
+                continue
+            try:
+                with path.open("rb"):
+                    pass
+            except OSError as exc:
+                raise ValueError(f"{variable}: cannot read {path}: {exc.strerror or exc}") from None
         return self
 
     @property
