@@ -201,6 +201,7 @@ class Consumer(Generic[M]):
     _tag: str | None = None
     _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
     _unsettled: dict[int, AbstractIncomingMessage] = field(default_factory=dict)
+    _channel: object = None
 
     async def start(self) -> None:
         self._tag = await self.queue.consume(self._on_message)
@@ -225,6 +226,11 @@ class Consumer(Generic[M]):
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
+        if message.channel is not self._channel:
+            # A new channel after a reconnect numbers its deliveries from 1 again; the old
+            # channel's deliveries are redelivered by the broker, so forget them.
+            self._channel = message.channel
+            self._unsettled.clear()
         tag = message.delivery_tag
         if tag is not None:
             self._unsettled[tag] = message
