@@ -1,0 +1,214 @@
+"""Fault suite: nothing the broker accepted is lost through SIGKILLed services, a broker restart,
+or a locked database; and nothing is written twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sqlite3
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from shared.ipnorm import is_routable
+from tests.integration.support import (
+    ServiceProcess,
+    async_poll,
+    drain_queue,
+    publish,
+    read_rows,
+    service_env,
+    wait_for_topology,
+)
+
+pytestmark = pytest.mark.integration
+
+
+class Services:
+    def __init__(self, amqp_url: str, tmp_path: Path) -> None:
+        self.amqp_url = amqp_url
+        self.db_path = tmp_path / "geo_cache.sqlite3"
+        self.tmp_path = tmp_path
+        self.running: dict[str, ServiceProcess] = {}
+        self.restarts = 0
+
+    def start(self, name: str) -> None:
+        env = service_env(self.amqp_url, self.db_path, GEO_FLUSH_INTERVAL="0.5")
+        log = self.tmp_path / f"{name}.{self.restarts}.log"
+        self.running[name] = ServiceProcess(name, env, log).start()
+
+    def kill_and_restart(self, name: str) -> None:
+        self.running[name].kill()
+        self.restarts += 1
+        self.start(name)
+
+    def row_count(self) -> int:
+        if not self.db_path.exists():
+            return 0
+        with sqlite3.connect(self.db_path, timeout=5) as db:
+            try:
+                return int(db.execute("SELECT COUNT(*) FROM geo_cache").fetchone()[0])
+            except sqlite3.OperationalError:
+                return 0
+
+
+@pytest.fixture
+def services(amqp_url: str, tmp_path: Path) -> Iterator[Services]:
+    group = Services(amqp_url, tmp_path)
+    yield group
+    for process in group.running.values():
+        if process.running:
+            process.kill()
+
+
+def distinct_public_ips(n: int) -> list[str]:
+    """``n`` distinct routable IPv4 addresses from a fixed pseudo-random sequence."""
+    out: dict[str, None] = {}
+    x = 12345
+    while len(out) < n:
+        x = (x * 6364136223846793005 + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF
+        v = x >> 32
+        ip = f"{v >> 24}.{(v >> 16) & 255}.{(v >> 8) & 255}.{v & 255}"
+        if is_routable(ip):
+            out[ip] = None
+    return list(out)
+
+
+async def publish_resilient(amqp_url: str, bodies: list[dict[str, object]]) -> None:
+    """A publisher as other components should write one: confirms, and retry on failure."""
+    connection = await aio_pika.connect_robust(amqp_url, reconnect_interval=0.5)
+    try:
+        for start in range(0, len(bodies), 250):
+            chunk = bodies[start : start + 250]
+            for _attempt in range(120):
+                try:
+                    channel = await connection.channel(publisher_confirms=True)
+                    exchange = await channel.get_exchange("bangui")
+                    await asyncio.gather(
+                        *(
+                            exchange.publish(
+                                aio_pika.Message(
+                                    _json(b), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+                                ),
+                                "ip.seen",
+                                timeout=5,
+                            )
+                            for b in chunk
+                        )
+                    )
+                    await channel.close()
+                    break
+                except Exception:
+                    await asyncio.sleep(0.5)
+            else:
+                raise AssertionError("could not publish through the broker restart")
+    finally:
+        await connection.close()
+
+
+def _json(body: dict[str, object]) -> bytes:
+    return json.dumps(body).encode()
+
+
+def rabbitmqctl(*args: str) -> None:
+    ctl = shutil.which("rabbitmqctl")
+    assert ctl, "the broker-restart fault needs rabbitmqctl on the broker's machine"
+    subprocess.run([ctl, *args], check=True, capture_output=True, timeout=120)
+
+
+async def test_sigkill_every_service_and_restart_the_broker_loses_nothing(
+    services: Services,
+) -> None:
+    ips = distinct_public_ips(35_000)
+    singles = [{"ip": ip} for ip in ips[:5_000]]
+    bulk = [{"ips": ips[i : i + 1000]} for i in range(5_000, 35_000, 1000)]
+    bodies: list[dict[str, object]] = []
+    for i, body in enumerate(singles):  # interleave bulk messages among the singles
+        bodies.append(body)
+        if i % 170 == 0 and bulk:
+            bodies.append(bulk.pop())
+    bodies += bulk
+
+    for name in ("persistence", "resolver", "timer"):
+        services.start(name)
+    await wait_for_topology(services.amqp_url)
+    publisher = asyncio.create_task(publish_resilient(services.amqp_url, bodies))
+
+    async def rows_at_least(n: int) -> bool:
+        return services.row_count() >= n
+
+    await async_poll(lambda: rows_at_least(3_000), deadline_s=60, what="3,000 rows")
+    services.kill_and_restart("resolver")
+    await async_poll(lambda: rows_at_least(8_000), deadline_s=60, what="8,000 rows")
+    services.kill_and_restart("persistence")
+    services.kill_and_restart("timer")
+    await async_poll(lambda: rows_at_least(14_000), deadline_s=60, what="14,000 rows")
+
+    rabbitmqctl("stop_app")
+    try:
+        await asyncio.sleep(1.0)
+    finally:
+        rabbitmqctl("start_app")
+    rabbitmqctl("await_startup")
+    await publisher
+    services.kill_and_restart("resolver")
+
+    async def complete() -> bool:
+        return services.row_count() >= len(ips)
+
+    await async_poll(complete, deadline_s=120, what="all 35,000 IPs in geo_cache", interval=0.5)
+    rows = read_rows(services.db_path)
+    assert set(rows) == set(ips), (
+        f"missing {len(set(ips) - set(rows))}, extra {len(set(rows) - set(ips))}"
+    )
+    assert len(rows) == len(ips)  # ip is the primary key: no duplicates
+    assert all(p.running for p in services.running.values()), "all services still run"
+    assert all(p.stop() == 0 for p in services.running.values())
+
+
+async def test_locked_database_backs_off_and_requeues(services: Services) -> None:
+    services.start("persistence")
+    services.start("resolver")
+    services.start("timer")
+    await wait_for_topology(services.amqp_url)
+    await publish(services.amqp_url, "ip.seen", [{"ip": "8.8.8.8"}])
+    await async_poll(lambda: "8.8.8.8" in read_rows(services.db_path), deadline_s=15, what="row")
+
+    # Another writer holds the database for longer than persistence's busy timeout (5 s).
+    locked = threading.Event()
+    release = threading.Event()
+
+    def hold_lock() -> None:
+        db = sqlite3.connect(services.db_path, timeout=5, isolation_level=None)
+        db.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        release.wait(20)
+        db.execute("ROLLBACK")
+        db.close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        await publish(services.amqp_url, "ip.seen", [{"ips": ["1.1.1.1", "9.9.9.9"]}])
+        persistence = services.running["persistence"]
+        await async_poll(
+            lambda: any(e.get("event") == "message_requeued" for e in persistence.log_events()),
+            deadline_s=20,
+            what="persistence to requeue the batch it could not write",
+        )
+    finally:
+        release.set()
+        holder.join()
+    await async_poll(
+        lambda: {"1.1.1.1", "9.9.9.9"} <= set(read_rows(services.db_path)),
+        deadline_s=20,
+        what="rows written once the lock is gone",
+    )
+    assert await drain_queue(services.amqp_url, "geo.dead_letter") == []
+    assert services.running["persistence"].running
