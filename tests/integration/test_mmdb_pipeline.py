@@ -1,0 +1,174 @@
+"""The mmdb provider in the running services: rows carry the database's country, ASN and org; a
+chain falls back to the embedded data; a missing or broken file stops the resolver at start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.support import (
+    REPO_ROOT,
+    ServiceProcess,
+    async_poll,
+    publish,
+    read_rows,
+    service_env,
+    wait_for_topology,
+)
+from tests.mmdb_files import asn, dbip_country, geolite2_city, registered_only, write_mmdb
+
+pytestmark = pytest.mark.integration
+
+GB, NL6, ANYCAST, SE, ASN_ONLY, NOWHERE = (
+    "81.2.69.142",
+    "2001:67c:2e8::1",
+    "1.1.1.1",
+    "89.160.20.112",
+    "9.9.9.9",
+    "8.8.8.8",
+)
+
+
+@pytest.fixture
+def mmdb_files(tmp_path: Path) -> tuple[Path, Path]:
+    country = write_mmdb(
+        tmp_path / "GeoLite2-City.mmdb",
+        {
+            "81.2.69.0/24": geolite2_city("GB", "United Kingdom", "London"),
+            "2001:67c:2e8::/48": dbip_country("NL", "Netherlands"),
+            "1.1.1.0/24": registered_only("AU", "Australia"),
+            "89.160.20.0/24": geolite2_city("SE", "Sweden", "Linköping"),
+        },
+        database_type="GeoLite2-City",
+    )
+    asn_file = write_mmdb(
+        tmp_path / "GeoLite2-ASN.mmdb",
+        {
+            "81.2.69.0/24": asn(20712, "Andrews & Arnold Ltd"),
+            "2001:67c:2e8::/48": asn(3333, "RIPE NCC"),
+            "1.1.1.0/24": asn(13335, "CLOUDFLARENET"),
+            "9.9.9.0/24": asn(19281, "Quad9"),
+        },
+        database_type="GeoLite2-ASN",
+    )
+    return country, asn_file
+
+
+class Services:
+    def __init__(self, amqp_url: str, tmp_path: Path) -> None:
+        self.amqp_url = amqp_url
+        self.tmp_path = tmp_path
+        self.db_path = tmp_path / "geo_cache.sqlite3"
+        self.processes: list[ServiceProcess] = []
+
+    def start_all(self, **env: str) -> None:
+        for name in ("persistence", "timer", "resolver"):
+            log = self.tmp_path / f"{name}.log"
+            process = ServiceProcess(name, service_env(self.amqp_url, self.db_path, **env), log)
+            self.processes.append(process.start())
+
+    async def rows_for(self, ips: list[str]) -> dict[str, tuple[Any, ...]]:
+        """(country_code, country_name, asn, org, resolution, provider) for each of ``ips``."""
+        await wait_for_topology(self.amqp_url)
+        await publish(self.amqp_url, "ip.seen", [{"ips": ips}])
+
+        def all_rows() -> dict[str, tuple[Any, ...]] | None:
+            rows = read_rows(self.db_path)
+            return rows if set(ips) <= set(rows) else None
+
+        rows: dict[str, tuple[Any, ...]] = await async_poll(
+            all_rows, deadline_s=20, what=f"rows for {ips}"
+        )
+        assert [p.stop() for p in self.processes] == [0, 0, 0]
+        return {ip: (*rows[ip][:4], *rows[ip][5:]) for ip in ips}
+
+
+@pytest.fixture
+def services(amqp_url: str, tmp_path: Path) -> Iterator[Services]:
+    running = Services(amqp_url, tmp_path)
+    yield running
+    for process in running.processes:
+        if process.running:
+            process.kill()
+
+
+async def test_rows_carry_the_databases_country_asn_and_org(
+    services: Services, mmdb_files: tuple[Path, Path]
+) -> None:
+    country, asn_file = mmdb_files
+    services.start_all(
+        GEO_PROVIDER="mmdb", GEO_MMDB_PATH=str(country), GEO_MMDB_ASN_PATH=str(asn_file)
+    )
+    rows = await services.rows_for([GB, NL6, ANYCAST, SE, ASN_ONLY, NOWHERE])
+    assert rows == {
+        GB: ("GB", "United Kingdom", "AS20712", "Andrews & Arnold Ltd", "resolved", "mmdb"),
+        NL6: ("NL", "Netherlands", "AS3333", "RIPE NCC", "resolved", "mmdb"),
+        ANYCAST: ("AU", "Australia", "AS13335", "CLOUDFLARENET", "resolved", "mmdb"),
+        SE: ("SE", "Sweden", None, None, "resolved", "mmdb"),
+        # Not in the country file: a negative, kept for re-resolve (an ASN alone is no answer).
+        ASN_ONLY: (None, None, None, None, "failed", None),
+        NOWHERE: (None, None, None, None, "failed", None),
+    }
+
+
+async def test_chain_falls_back_to_the_embedded_country(
+    services: Services, mmdb_files: tuple[Path, Path]
+) -> None:
+    country, asn_file = mmdb_files
+    services.start_all(
+        GEO_PROVIDER="mmdb,embedded",
+        GEO_MMDB_PATH=str(country),
+        GEO_MMDB_ASN_PATH=str(asn_file),
+    )
+    rows = await services.rows_for([GB, ASN_ONLY, NOWHERE])
+    assert rows == {
+        GB: ("GB", "United Kingdom", "AS20712", "Andrews & Arnold Ltd", "resolved", "mmdb"),
+        ASN_ONLY: ("US", "United States", None, None, "resolved", "embedded"),
+        NOWHERE: ("US", "United States", None, None, "resolved", "embedded"),
+    }
+
+
+def test_missing_file_stops_the_resolver_with_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "GeoLite2-Country.mmdb"
+    # No broker is needed: the resolver must give up before it tries to connect.
+    env = service_env(
+        "amqp://guest:guest@127.0.0.1:9/",
+        tmp_path / "geo.sqlite3",
+        GEO_PROVIDER="mmdb",
+        GEO_MMDB_PATH=str(missing),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "services.resolver"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"resolver: invalid setting GEO_MMDB_PATH: cannot read {missing}: No such file or directory"
+    ]
+
+
+async def test_corrupt_file_stops_the_resolver_naming_the_variable(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "GeoLite2-Country.mmdb"
+    garbage.write_bytes(b"this is an HTML error page, not a database\n" * 50)
+    env = service_env(
+        amqp_url, tmp_path / "geo.sqlite3", GEO_PROVIDER="mmdb", GEO_MMDB_PATH=str(garbage)
+    )
+    resolver = ServiceProcess("resolver", env, tmp_path / "resolver.log").start()
+    assert resolver.process is not None
+    assert resolver.process.wait(timeout=15) == 1
+    crashed = [e for e in resolver.log_events() if e.get("event") == "service_crashed"]
+    assert len(crashed) == 1
+    assert f"GEO_MMDB_PATH: cannot open {garbage} as a MaxMind DB" in crashed[0]["error"]
