@@ -11,11 +11,16 @@ import ipaddress
 
 def normalize_ip(value: str) -> str:
     """Return the canonical text of an IP address; raise ``ValueError`` naming the bad input."""
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     try:
         address = ipaddress.ip_address(value)
     except ValueError:
+        address = None
+    # A zone index ("fe80::1%eth0") means something only on the sender's host; kept, it would
+    # give one address endless spellings: separate rows, retried forever, never resolved.
+    if address is None or (isinstance(address, ipaddress.IPv6Address) and address.scope_id):
         shown = value if len(value) <= 64 else value[:61] + "..."
-        raise ValueError(f"not an IPv4 or IPv6 address: {shown!r}") from None
+        raise ValueError(f"not an IPv4 or IPv6 address: {shown!r}")
     if isinstance(address, ipaddress.IPv6Address):
         mapped = address.ipv4_mapped
         if mapped is not None:

@@ -143,7 +143,12 @@ async def test_ticker_publishes_due_ticks_skips_missed_ones_and_ids_them_by_due_
     )
     assert published == 4
     assert clock.calls == len(clock.readings)
-    assert tick_ids(publisher) == ["flush:1010.000", "flush:1040.000", "flush:1050.000", "flush:1060.000"]
+    assert tick_ids(publisher) == [
+        "flush:1010.000",
+        "flush:1040.000",
+        "flush:1050.000",
+        "flush:1060.000",
+    ]
     assert {key for key, _, _ in publisher.published} == {topology.FLUSH}
     assert {expiration for _, _, expiration in publisher.published} == {10.0}
 

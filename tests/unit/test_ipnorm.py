@@ -26,7 +26,20 @@ def test_normalize_gives_the_canonical_spelling(raw: str, normal: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["01.2.3.4", "1.2.3.04", "not-an-ip", "", "1.2.3", "256.1.1.1", "1.2.3.4/32", " 1.2.3.4", ":::1"],
+    [
+        "01.2.3.4",
+        "1.2.3.04",
+        "not-an-ip",
+        "",
+        "1.2.3",
+        "256.1.1.1",
+        "1.2.3.4/32",
+        " 1.2.3.4",
+        ":::1",
+        "fe80::1%eth0",  # a zone index would give one address many spellings
+        "2606:4700:4700::1111%1",
+        "::ffff:8.8.8.8%x",
+    ],
 )
 def test_normalize_rejects_garbage_naming_the_input(raw: str) -> None:
     with pytest.raises(ValueError, match="not an IPv4 or IPv6 address") as info:

@@ -77,7 +77,7 @@ def test_ip_seen_refuses_an_empty_list() -> None:
     [{"ip": 134744072}, {"ip": ["8.8.8.8"]}, {"ips": ["8.8.8.8", 5]}, {"ips": "8.8.8.8"}],
 )
 def test_ip_seen_refuses_non_strings(body: dict[str, Any]) -> None:
-    with pytest.raises(ValidationError, match="valid (string|array)"):
+    with pytest.raises(ValidationError, match=r"valid (string|array)"):
         IpSeen.model_validate_json(json.dumps(body))
 
 
@@ -104,9 +104,7 @@ def test_retry_unresolved_normalizes_and_bounds_its_ips() -> None:
 
 
 def test_geo_upsert_batch_takes_1_to_1000_rows() -> None:
-    batch = GeoUpsertBatch.model_validate(
-        {"batch_id": "b", "rows": [row(ip) for ip in ips(1000)]}
-    )
+    batch = GeoUpsertBatch.model_validate({"batch_id": "b", "rows": [row(ip) for ip in ips(1000)]})
     assert len(batch.rows) == 1000
     with pytest.raises(ValidationError, match="at least 1"):
         GeoUpsertBatch.model_validate({"batch_id": "b", "rows": []})
