@@ -11,7 +11,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import structlog
@@ -24,10 +24,15 @@ SHUTDOWN_CAP = 9.5
 ServiceBody = Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]]
 
 
-def main(service: str, body: ServiceBody) -> int:
-    """Entry point of ``python -m services.<service>``; returns the process exit code."""
+def main(service: str, body: ServiceBody, checks: Sequence[Callable[[Settings], None]] = ()) -> int:
+    """Entry point of ``python -m services.<service>``; returns the process exit code.
+
+    ``checks`` are the service's own start checks; they raise ``SettingsError`` like a bad value.
+    """
     try:
         settings = load_settings()
+        for check in checks:
+            check(settings)
     except SettingsError as exc:
         print(f"{service}: invalid setting {exc}", file=sys.stderr)
         return 2

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
             )
         return ",".join(chain)
 
+    @field_validator("mmdb_path", "mmdb_asn_path", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # compose's ${VAR:-} gives an empty string
+
     @field_validator("ipapi_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -103,25 +108,35 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _mmdb_needs_path(self) -> Settings:
         if "mmdb" not in self.provider_chain:
-            return self  # services that do not read the files need not see them
+            return self
         if self.mmdb_path is None:
             raise ValueError("GEO_MMDB_PATH is required when GEO_PROVIDER includes mmdb")
-        for variable, path in (
-            ("GEO_MMDB_PATH", self.mmdb_path),
-            ("GEO_MMDB_ASN_PATH", self.mmdb_asn_path),
-        ):
-            if path is None:
-                continue
-            try:
-                with path.open("rb"):
-                    pass
-            except OSError as exc:
-                raise ValueError(f"{variable}: cannot read {path}: {exc.strerror or exc}") from None
         return self
 
     @property
     def provider_chain(self) -> tuple[str, ...]:
         return tuple(self.provider.split(","))
+
+
+def check_provider_files(settings: Settings) -> None:
+    """The resolver's start check: the provider files it will read exist and are readable.
+
+    Only the resolver reads them, so the other services (same environment in compose) don't
+    need them mounted.
+    """
+    if "mmdb" not in settings.provider_chain:
+        return
+    for variable, path in (
+        ("GEO_MMDB_PATH", settings.mmdb_path),
+        ("GEO_MMDB_ASN_PATH", settings.mmdb_asn_path),
+    ):
+        if path is None:
+            continue
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise SettingsError(f"{variable}: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def load_settings() -> Settings:

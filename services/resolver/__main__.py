@@ -2,5 +2,6 @@
 
 from services.resolver.bootstrap import run
 from shared.lifecycle import main
+from shared.settings import check_provider_files
 
-raise SystemExit(main("resolver", run))
+raise SystemExit(main("resolver", run, checks=[check_provider_files]))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from services.resolver.geo import Geo
 
+_MAX_INTERNED = 65_536
+
 
 @dataclass(frozen=True, slots=True)
 class DirtyEntry:
@@ -75,6 +77,8 @@ class GeoCache:
 
     def put(self, ip: str, geo: Geo, now: float) -> None:
         """Store an answer and mark it dirty; a retryable failure starts its negative TTL."""
+        if len(self._interned) >= _MAX_INTERNED:  # many distinct ASN/org answers: start over
+            self._interned.clear()
         geo = self._interned.setdefault(geo, geo)
         self._entries[ip] = geo
         self._entries.move_to_end(ip)

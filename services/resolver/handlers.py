@@ -75,11 +75,16 @@ async def on_retry_unresolved(cmd: RetryUnresolved, ticket: Ticket, deps: Resolv
 
 
 async def on_flush_dirty(cmd: FlushDirty, deps: ResolverDeps) -> None:
-    if cmd.tick_id == deps.state.last_tick_id:
+    state = deps.state
+    if cmd.tick_id == state.last_tick_id:
         deps.log.info("geo_flush_duplicate_ignored", tick_id=cmd.tick_id)
         return
-    await flush(deps, trigger=cmd.tick_id)
-    deps.state.last_tick_id = cmd.tick_id
+    previous, state.last_tick_id = state.last_tick_id, cmd.tick_id  # claim before awaiting
+    try:
+        await flush(deps, trigger=cmd.tick_id)
+    except BaseException:
+        state.last_tick_id = previous  # the command is requeued; let its redelivery run
+        raise
 
 
 async def _resolve(ips: Sequence[str], deps: ResolverDeps) -> None:
@@ -105,10 +110,7 @@ async def _resolve(ips: Sequence[str], deps: ResolverDeps) -> None:
 async def _hold_or_ack(ips: Sequence[str], ticket: Ticket, deps: ResolverDeps) -> None:
     if any(deps.cache.is_unpersisted(ip) for ip in ips):
         deps.state.held.append(ticket)
-        if (
-            len(deps.state.held) >= deps.hold_limit
-            or deps.cache.dirty_count >= deps.flush_max_dirty
-        ):
+        if _over_limits(deps):
             request_flush(deps, trigger="size")
     else:
         await deps.acker.ack([ticket])
@@ -125,10 +127,19 @@ def request_flush(deps: ResolverDeps, *, trigger: str) -> None:
 
 
 async def _flush_logged(deps: ResolverDeps, trigger: str) -> None:
-    try:
-        await flush(deps, trigger=trigger)
-    except Exception as exc:  # the entries are back in the dirty set; the next flush retries
-        deps.log.warning("geo_cache_flush_failed", trigger=trigger, error=repr(exc))
+    # Deliveries held while this flush ran may have reached the limit again: flush until not.
+    while True:
+        try:
+            await flush(deps, trigger=trigger)
+        except Exception as exc:  # the entries are back in the dirty set; the next flush retries
+            deps.log.warning("geo_cache_flush_failed", trigger=trigger, error=repr(exc))
+            return
+        if not _over_limits(deps):
+            return
+
+
+def _over_limits(deps: ResolverDeps) -> bool:
+    return len(deps.state.held) >= deps.hold_limit or deps.cache.dirty_count >= deps.flush_max_dirty
 
 
 async def flush(deps: ResolverDeps, *, trigger: str) -> int:

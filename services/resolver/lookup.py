@@ -10,7 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+import structlog
+
 from services.resolver.geo import Geo
+
+log = structlog.get_logger("resolver.lookup")
 
 
 class GeoLookup(Protocol):
@@ -38,7 +42,13 @@ class ProviderChain:
         for provider in self.providers:
             if not pending:
                 break
-            found = await provider.lookup(pending)
+            try:
+                found = await provider.lookup(pending)
+            except Exception as exc:  # one broken provider must not hide the next one's answers
+                log.warning(
+                    "geo_provider_failed", provider=provider.name, ips=len(pending), error=repr(exc)
+                )
+                continue
             answers.update(found)
             pending = [ip for ip in pending if ip not in found]
         return answers

@@ -51,7 +51,7 @@ async def tick_forever(
         except TimeoutError:
             pass
         tick_id = f"{cadence.name}:{start_wall + k * cadence.interval:.3f}"
-        command = cadence.command(tick_id, datetime.now(UTC))
+        command = cadence.command(tick_id, datetime.fromtimestamp(wall(), UTC))
         try:
             await publisher.publish(cadence.routing_key, [command], expiration=cadence.interval)
         except Exception as exc:  # a lost tick is replaced by the next one; keep the cadence
