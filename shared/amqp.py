@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import aio_pika
@@ -36,6 +37,7 @@ from shared import topology
 from shared.acks import plan_acks
 from shared.decode import decode
 from shared.errors import Rejected, Transient
+from shared.metrics import MetricsRegistry
 from shared.ports import Ticket
 from shared.settings import Settings
 
@@ -389,6 +391,23 @@ class Amqp:
         await consumer.start()
         self.consumers.append(consumer)
         return consumer
+
+    def healthy(self) -> bool:
+        """Connected to the broker right now (a robust connection may be reconnecting)."""
+        return not self.connection.is_closed and self.connection.connected.is_set()
+
+    def register_metrics(self, registry: MetricsRegistry) -> None:
+        """Per-queue delivery counters, read from the consumers' own counts."""
+        rows = (
+            ("geo_messages_consumed_total", "counter", "Deliveries received.", "consumed"),
+            ("geo_dead_letters_total", "counter", "Sent to geo.dead_letter.", "dead_lettered"),
+            ("geo_messages_requeued_total", "counter", "Requeued after a failure.", "requeued"),
+            ("geo_deliveries_unacked", "gauge", "Received, not yet settled.", "unsettled"),
+        )
+        for consumer in self.consumers:
+            for name, kind, help_, attribute in rows:
+                add = registry.counter if kind == "counter" else registry.gauge
+                add(name, help_, partial(getattr, consumer, attribute), queue=consumer.queue.name)
 
     async def ack(self, tickets: Sequence[Ticket]) -> None:
         """Ack held deliveries from any of this service's consumers."""

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     queue_type: Literal["classic", "quorum"] = Field(
         default="classic", description="quorum for replicated queues on a RabbitMQ cluster."
     )
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Serve /metrics and /health here; unset: off."
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="Address /metrics binds to.")
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -93,7 +97,7 @@ class Settings(BaseSettings):
             )
         return ",".join(chain)
 
-    @field_validator("mmdb_path", "mmdb_asn_path", mode="before")
+    @field_validator("mmdb_path", "mmdb_asn_path", "metrics_port", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value  # compose's ${VAR:-} gives an empty string

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 from functools import partial
 
 import structlog
@@ -12,43 +13,64 @@ from services.persistence.repository import SqliteGeoRepository
 from shared import topology
 from shared.amqp import Amqp
 from shared.messages import GeoUpsertBatch, ReResolveStale
+from shared.metrics import MetricsRegistry, serve_metrics
 from shared.settings import Settings
 
 UPSERT_PREFETCH = 8
 
 
+def persistence_metrics(
+    deps: PersistenceDeps, repository: SqliteGeoRepository, amqp: Amqp
+) -> MetricsRegistry:
+    registry = MetricsRegistry("persistence")
+    amqp.register_metrics(registry)
+    state = deps.state
+    registry.counter(
+        "geo_upsert_batches_total", "geo.upsert messages committed.", lambda: state.batches
+    )
+    registry.counter("geo_rows_upserted_total", "Rows written to geo_cache.", lambda: state.rows)
+    registry.counter("geo_sqlite_commits_total", "SQLite commits.", lambda: repository.commits)
+    registry.counter(
+        "geo_retries_requested_total",
+        "IPs sent to the resolver by re-resolve.",
+        lambda: state.retries_requested,
+    )
+    return registry
+
+
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     log = structlog.get_logger("persistence")
-    repository = await SqliteGeoRepository.open(settings.db_path)
-    try:
+    async with AsyncExitStack() as resources:  # released in reverse order of acquisition
+        repository = await SqliteGeoRepository.open(settings.db_path)
+        resources.push_async_callback(repository.close)
         amqp = await Amqp.open(settings, service="persistence")
-    except BaseException:
-        await repository.close()
-        raise
-    deps = PersistenceDeps(repository=repository, publisher=amqp.publisher)
-    try:
-        await amqp.consume(
-            topology.PERSISTENCE_UPSERT,
-            GeoUpsertBatch,
-            prefetch=UPSERT_PREFETCH,
-            handler=partial(on_geo_upsert_batch, deps=deps),
-        )
-        await amqp.consume(
-            topology.PERSISTENCE_RE_RESOLVE,
-            ReResolveStale,
-            prefetch=1,
-            handler=partial(on_re_resolve, deps=deps),
-        )
-        log.info("persistence_ready", db_path=str(settings.db_path))
-        await stop.wait()
-    finally:
-        await amqp.stop_consuming(settings.drain_timeout)
-        await amqp.close()
-        await repository.close()
-        log.info(
-            "persistence_counters",
-            batches=deps.state.batches,
-            rows=deps.state.rows,
-            commits=repository.commits,
-            retries_requested=deps.state.retries_requested,
-        )
+        resources.push_async_callback(amqp.close)
+        deps = PersistenceDeps(repository=repository, publisher=amqp.publisher)
+        try:
+            await amqp.consume(
+                topology.PERSISTENCE_UPSERT,
+                GeoUpsertBatch,
+                prefetch=UPSERT_PREFETCH,
+                handler=partial(on_geo_upsert_batch, deps=deps),
+            )
+            await amqp.consume(
+                topology.PERSISTENCE_RE_RESOLVE,
+                ReResolveStale,
+                prefetch=1,
+                handler=partial(on_re_resolve, deps=deps),
+            )
+            registry = persistence_metrics(deps, repository, amqp)
+            metrics = await serve_metrics(settings, registry, amqp.healthy)
+            if metrics is not None:
+                resources.push_async_callback(metrics.stop)
+            log.info("persistence_ready", db_path=str(settings.db_path))
+            await stop.wait()
+        finally:
+            await amqp.stop_consuming(settings.drain_timeout)
+            log.info(
+                "persistence_counters",
+                batches=deps.state.batches,
+                rows=deps.state.rows,
+                commits=repository.commits,
+                retries_requested=deps.state.retries_requested,
+            )

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from functools import partial
 
 import structlog
@@ -30,6 +31,7 @@ from services.resolver.providers.mmdb import MmdbProvider
 from shared import topology
 from shared.amqp import Amqp
 from shared.messages import FlushDirty, IpSeen, RetryUnresolved
+from shared.metrics import MetricsRegistry, serve_metrics
 from shared.ports import Acker, Publisher
 from shared.settings import Settings
 
@@ -62,50 +64,84 @@ def build_deps(
     )
 
 
+def resolver_metrics(deps: ResolverDeps, amqp: Amqp) -> MetricsRegistry:
+    registry = MetricsRegistry("resolver")
+    amqp.register_metrics(registry)
+    cache, state = deps.cache, deps.state
+    registry.counter(
+        "geo_cache_hits_total", "ip.seen IPs answered from the cache.", lambda: cache.hits
+    )
+    registry.counter("geo_cache_misses_total", "IPs that needed a lookup.", lambda: cache.misses)
+    registry.gauge("geo_cache_entries", "IPs held in the memory cache.", lambda: len(cache))
+    registry.gauge("geo_cache_dirty", "Cached answers not yet flushed.", lambda: cache.dirty_count)
+    registry.gauge(
+        "geo_cache_negative", "Failed lookups in the negative cache.", lambda: cache.negative_count
+    )
+    registry.gauge(
+        "geo_deliveries_held",
+        "ip.seen/geo.retry deliveries held until flushed.",
+        lambda: len(state.held),
+    )
+    registry.counter("geo_flushes_total", "Flushes run.", lambda: state.flushes)
+    registry.counter(
+        "geo_rows_flushed_total", "Rows published as geo.upsert.", lambda: state.rows_flushed
+    )
+    registry.counter("geo_lookups_total", "IPs sent to the provider chain.", lambda: state.lookups)
+    for provider in getattr(deps.lookup, "providers", (deps.lookup,)):
+        register = getattr(provider, "register_metrics", None)
+        if register is not None:
+            register(registry)
+    return registry
+
+
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     log = structlog.get_logger("resolver")
-    amqp = await Amqp.open(settings, service="resolver")
-    lookup = build_lookup(settings)
-    deps = build_deps(settings, lookup=lookup, publisher=amqp.publisher, acker=amqp)
-    try:
-        await amqp.consume(
-            topology.RESOLVER_IP_SEEN,
-            IpSeen,
-            prefetch=settings.prefetch,
-            deferred_handler=partial(on_ip_seen, deps=deps),
-        )
-        await amqp.consume(
-            topology.RESOLVER_RETRY,
-            RetryUnresolved,
-            prefetch=settings.prefetch,
-            deferred_handler=partial(on_retry_unresolved, deps=deps),
-        )
-        await amqp.consume_private(
-            f"{topology.RESOLVER_FLUSH_PREFIX}{socket.gethostname()}.{os.getpid()}",
-            topology.RESOLVER_FLUSH_KEYS,
-            FlushDirty,
-            prefetch=4,
-            handler=partial(on_flush_dirty, deps=deps),
-        )
-        log.info("resolver_ready", provider=lookup.name, prefetch=settings.prefetch)
-        await stop.wait()
-    finally:
-        await amqp.stop_consuming(settings.drain_timeout)
-        if deps.state.background:
-            await asyncio.wait(deps.state.background, timeout=settings.drain_timeout)
+    async with AsyncExitStack() as resources:  # released in reverse order of acquisition
+        lookup = build_lookup(settings)  # before the broker: a bad provider file fails fast
+        resources.push_async_callback(lookup.close)
+        amqp = await Amqp.open(settings, service="resolver")
+        resources.push_async_callback(amqp.close)
+        deps = build_deps(settings, lookup=lookup, publisher=amqp.publisher, acker=amqp)
         try:
-            rows = await flush(deps, trigger="shutdown")
-            log.info("resolver_final_flush_ran", rows=rows)
-        except Exception as exc:  # held deliveries stay unacked: the broker redelivers them
-            log.warning("resolver_final_flush_failed", error=repr(exc))
-        await lookup.close()
-        await amqp.close()
-        log.info(
-            "resolver_counters",
-            cached=len(deps.cache),
-            lookups=deps.state.lookups,
-            flushes=deps.state.flushes,
-            rows_flushed=deps.state.rows_flushed,
-            cache_hits=deps.cache.hits,
-            cache_misses=deps.cache.misses,
-        )
+            await amqp.consume(
+                topology.RESOLVER_IP_SEEN,
+                IpSeen,
+                prefetch=settings.prefetch,
+                deferred_handler=partial(on_ip_seen, deps=deps),
+            )
+            await amqp.consume(
+                topology.RESOLVER_RETRY,
+                RetryUnresolved,
+                prefetch=settings.prefetch,
+                deferred_handler=partial(on_retry_unresolved, deps=deps),
+            )
+            await amqp.consume_private(
+                f"{topology.RESOLVER_FLUSH_PREFIX}{socket.gethostname()}.{os.getpid()}",
+                topology.RESOLVER_FLUSH_KEYS,
+                FlushDirty,
+                prefetch=4,
+                handler=partial(on_flush_dirty, deps=deps),
+            )
+            metrics = await serve_metrics(settings, resolver_metrics(deps, amqp), amqp.healthy)
+            if metrics is not None:
+                resources.push_async_callback(metrics.stop)
+            log.info("resolver_ready", provider=lookup.name, prefetch=settings.prefetch)
+            await stop.wait()
+        finally:
+            await amqp.stop_consuming(settings.drain_timeout)
+            if deps.state.background:
+                await asyncio.wait(deps.state.background, timeout=settings.drain_timeout)
+            try:
+                rows = await flush(deps, trigger="shutdown")
+                log.info("resolver_final_flush_ran", rows=rows)
+            except Exception as exc:  # held deliveries stay unacked: the broker redelivers them
+                log.warning("resolver_final_flush_failed", error=repr(exc))
+            log.info(
+                "resolver_counters",
+                cached=len(deps.cache),
+                lookups=deps.state.lookups,
+                flushes=deps.state.flushes,
+                rows_flushed=deps.state.rows_flushed,
+                cache_hits=deps.cache.hits,
+                cache_misses=deps.cache.misses,
+            )

@@ -7,7 +7,10 @@ standbys and take over when the leader's connection dies (the broker drops the q
 from __future__ import annotations
 
 import asyncio
-from contextlib import suppress
+from collections import Counter
+from contextlib import AsyncExitStack, suppress
+from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 
@@ -15,6 +18,7 @@ from services.timer.ticker import Cadence, tick_forever
 from shared import topology
 from shared.amqp import Amqp
 from shared.messages import FlushDirty, ReResolveStale
+from shared.metrics import MetricsRegistry, serve_metrics
 from shared.settings import Settings
 
 STANDBY_POLL = 1.0
@@ -37,8 +41,13 @@ def _re_resolve(tick_id: str, issued_at: object) -> ReResolveStale:
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     log = structlog.get_logger("timer")
-    amqp = await Amqp.open(settings, service="timer")
-    try:
+    async with AsyncExitStack() as resources:  # released in reverse order of acquisition
+        amqp = await Amqp.open(settings, service="timer")
+        resources.push_async_callback(amqp.close)
+        status = TimerStatus()
+        metrics = await serve_metrics(settings, timer_metrics(status), amqp.healthy)
+        if metrics is not None:
+            resources.push_async_callback(metrics.stop)
         announced = False
         while not await amqp.try_lead(topology.TIMER_LEADER_QUEUE):
             if not announced:
@@ -48,6 +57,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 await asyncio.wait_for(stop.wait(), timeout=STANDBY_POLL)
             if stop.is_set():
                 return
+        status.leading = True
         log.info(
             "timer_leading",
             flush_interval=settings.flush_interval,
@@ -55,6 +65,27 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         )
         async with asyncio.TaskGroup() as group:
             for cadence in cadences(settings):
-                group.create_task(tick_forever(cadence, amqp.publisher, stop))
-    finally:
-        await amqp.close()
+                group.create_task(tick_forever(cadence, amqp.publisher, stop, status.published))
+
+
+@dataclass
+class TimerStatus:
+    leading: bool = False
+    published: Counter[str] = field(default_factory=Counter)
+
+
+def timer_metrics(status: TimerStatus) -> MetricsRegistry:
+    registry = MetricsRegistry("timer")
+    registry.gauge(
+        "geo_timer_leading",
+        "1 while this timer holds the leader lock.",
+        lambda: int(status.leading),
+    )
+    for name in ("flush", "re_resolve"):
+        registry.counter(
+            "geo_timer_ticks_total",
+            "Commands published.",
+            partial(status.published.__getitem__, name),
+            cadence=name,
+        )
+    return registry

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ async def tick_forever(
     cadence: Cadence,
     publisher: Publisher,
     stop: asyncio.Event,
+    published_counts: Counter[str] | None = None,
     *,
     monotonic: Callable[[], float] = time.monotonic,
     wall: Callable[[], float] = time.time,
@@ -58,6 +60,8 @@ async def tick_forever(
             log.warning("timer_tick_publish_failed", cadence=cadence.name, tick=k, error=repr(exc))
         else:
             published += 1
+            if published_counts is not None:
+                published_counts[cadence.name] += 1
             log.info("timer_tick_published", cadence=cadence.name, tick=k, tick_id=tick_id)
         last = k
     return published
