@@ -87,7 +87,7 @@ class Backoff:
     def failed(self, jitter: float) -> float:
         """Count a failure and return the delay before the next attempt; ``jitter`` is in [0, 1)."""
         self.failures += 1
-        ceiling = min(self.cap, self.base * 2 ** min(self.failures - 1, 62))
+        ceiling = min(self.cap, self.base * 2.0 ** min(self.failures - 1, 62))
         return ceiling / 2 + ceiling / 2 * min(max(jitter, 0.0), 1.0)
 
     def succeeded(self) -> None:
