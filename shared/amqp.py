@@ -137,21 +137,36 @@ class AmqpPublisher:
         return cls(exchange, dlx, confirm_timeout)
 
     async def publish(
-        self, routing_key: str, messages: Sequence[BaseModel], *, expiration: float | None = None
+        self,
+        routing_key: str,
+        messages: Sequence[BaseModel],
+        *,
+        expiration: float | None = None,
+        mandatory: bool = True,
     ) -> None:
         await self.publish_raw(
-            routing_key, [m.model_dump_json().encode() for m in messages], expiration=expiration
+            routing_key,
+            [m.model_dump_json().encode() for m in messages],
+            expiration=expiration,
+            mandatory=mandatory,
         )
 
     async def publish_raw(
-        self, routing_key: str, bodies: Sequence[bytes], *, expiration: float | None = None
+        self,
+        routing_key: str,
+        bodies: Sequence[bytes],
+        *,
+        expiration: float | None = None,
+        mandatory: bool = True,
     ) -> None:
+        """Publish and wait for every confirm; ``mandatory`` raises when no queue is bound."""
         try:
             await asyncio.gather(
                 *(
                     self._exchange.publish(
                         _message(body, expiration=expiration, headers=None),
                         routing_key,
+                        mandatory=mandatory,
                         timeout=self._timeout,
                     )
                     for body in bodies

@@ -114,8 +114,18 @@ class GeoUpsertBatch(BaseModel):
     rows: list[GeoRow] = Field(min_length=1, max_length=MAX_ROWS_PER_UPSERT)
 
 
+class IpResolved(BaseModel):
+    """Event ``ip.resolved`` (resolver, after each flush): these answers are now on their way
+    into ``geo_cache``, for dashboards that update live. Nobody has to listen."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    rows: list[GeoRow] = Field(min_length=1, max_length=MAX_ROWS_PER_UPSERT)
+
+
 MESSAGE_MODELS: tuple[type[BaseModel], ...] = (
     IpSeen,
+    IpResolved,
     FlushDirty,
     ReResolveStale,
     RetryUnresolved,

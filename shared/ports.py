@@ -12,8 +12,15 @@ class Publisher(Protocol):
     """Publishes models on the ``bangui`` exchange; returns once the broker confirmed them all."""
 
     async def publish(
-        self, routing_key: str, messages: Sequence[BaseModel], *, expiration: float | None = None
-    ) -> None: ...
+        self,
+        routing_key: str,
+        messages: Sequence[BaseModel],
+        *,
+        expiration: float | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """``mandatory=False`` for events nobody may be listening to (e.g. ``ip.resolved``)."""
+        ...
 
 
 class Ticket(Protocol):

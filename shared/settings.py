@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         default=1_048_576, ge=1024, description="Larger bodies go to geo.dead_letter."
     )
     publish_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a confirm.")
+    publish_resolved: bool = Field(
+        default=True, description="Publish ip.resolved events after each flush."
+    )
     queue_type: Literal["classic", "quorum"] = Field(
         default="classic", description="quorum for replicated queues on a RabbitMQ cluster."
     )

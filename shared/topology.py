@@ -19,6 +19,7 @@ FLUSH = "geo.flush"
 RE_RESOLVE = "geo.re_resolve"
 UPSERT = "geo.upsert"
 RETRY = "geo.retry"
+RESOLVED = "ip.resolved"  # event after each flush, for live dashboards; may have no listener
 
 # Dead-letter headers we add (the broker adds x-death for its own dead-lettering).
 REASON_HEADER = "x-geo-reject-reason"

@@ -18,15 +18,22 @@ class FakePublisher:
     """Records what would be published; ``fail_next`` makes the next publish raise."""
 
     published: list[tuple[str, BaseModel, float | None]] = field(default_factory=list)
+    mandatory: dict[str, bool] = field(default_factory=dict)
     fail_next: BaseException | None = None
 
     async def publish(
-        self, routing_key: str, messages: Sequence[BaseModel], *, expiration: float | None = None
+        self,
+        routing_key: str,
+        messages: Sequence[BaseModel],
+        *,
+        expiration: float | None = None,
+        mandatory: bool = True,
     ) -> None:
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
         self.published.extend((routing_key, m, expiration) for m in messages)
+        self.mandatory[routing_key] = mandatory
 
     def on(self, routing_key: str) -> list[BaseModel]:
         return [m for key, m, _ in self.published if key == routing_key]

@@ -61,6 +61,7 @@ def build_deps(
         clock=clock,
         hold_limit=max(1, settings.prefetch // 2),
         flush_max_dirty=settings.flush_max_dirty,
+        announce_resolved=settings.publish_resolved,
     )
 
 

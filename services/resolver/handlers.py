@@ -27,6 +27,7 @@ from shared.messages import (
     FlushDirty,
     GeoRow,
     GeoUpsertBatch,
+    IpResolved,
     IpSeen,
     RetryUnresolved,
 )
@@ -55,6 +56,7 @@ class ResolverDeps:
     clock: Callable[[], float]
     hold_limit: int
     flush_max_dirty: int
+    announce_resolved: bool = True
     state: ResolverState = field(default_factory=ResolverState)
     log: structlog.typing.FilteringBoundLogger = field(
         default_factory=lambda: structlog.get_logger("resolver")
@@ -168,6 +170,8 @@ async def flush(deps: ResolverDeps, *, trigger: str) -> int:
         await deps.acker.ack(tickets)
         state.flushes += 1
         state.rows_flushed += len(entries)
+        if batches and deps.announce_resolved:
+            await _announce(batches, deps)
         if entries or tickets:
             deps.log.info(
                 "geo_cache_flush_ran",
@@ -179,6 +183,15 @@ async def flush(deps: ResolverDeps, *, trigger: str) -> int:
                 duration_ms=round((time.perf_counter() - started) * 1000, 1),
             )
         return len(entries)
+
+
+async def _announce(batches: Sequence[GeoUpsertBatch], deps: ResolverDeps) -> None:
+    """Publish ``ip.resolved`` for dashboards; best effort, the rows are already safe."""
+    events = [IpResolved.model_construct(rows=b.rows) for b in batches]
+    try:
+        await deps.publisher.publish(topology.RESOLVED, events, mandatory=False)
+    except Exception as exc:
+        deps.log.warning("ip_resolved_publish_failed", batches=len(events), error=repr(exc))
 
 
 def _batch(entries: Sequence[DirtyEntry]) -> GeoUpsertBatch:

@@ -22,7 +22,15 @@ from services.resolver.handlers import (
 )
 from shared import topology
 from shared.errors import Transient
-from shared.messages import FlushDirty, GeoRow, GeoUpsertBatch, IpSeen, Resolution, RetryUnresolved
+from shared.messages import (
+    FlushDirty,
+    GeoRow,
+    GeoUpsertBatch,
+    IpResolved,
+    IpSeen,
+    Resolution,
+    RetryUnresolved,
+)
 from shared.settings import Settings
 from tests.fakes import FakeAcker, FakeLookup, FakePublisher, FakeTicket, ManualClock
 
@@ -349,3 +357,24 @@ async def test_failed_early_flush_keeps_everything_for_the_next_one() -> None:
     await on_flush_dirty(tick("flush:5.000"), r.deps)
     assert set(r.rows()) == {"8.8.8.8"}
     assert r.acker.acked == [ticket]
+
+
+async def test_flush_announces_ip_resolved_after_the_upserts_without_mandatory() -> None:
+    r = make_resolver()
+    await r.seen("8.8.8.8", "10.0.0.1")
+    await flush(r.deps, trigger="test")
+    keys = [key for key, _, _ in r.publisher.published]
+    assert keys == [topology.UPSERT, topology.RESOLVED]
+    (event,) = r.publisher.on(topology.RESOLVED)
+    assert isinstance(event, IpResolved)
+    assert event.rows == r.batches()[0].rows
+    assert IpResolved.model_validate_json(event.model_dump_json()) == event
+    assert r.publisher.mandatory == {topology.UPSERT: True, topology.RESOLVED: False}
+
+
+async def test_ip_resolved_can_be_switched_off() -> None:
+    r = make_resolver(publish_resolved=False)
+    await r.seen("8.8.8.8")
+    await flush(r.deps, trigger="test")
+    assert r.publisher.on(topology.RESOLVED) == []
+    assert len(r.batches()) == 1
