@@ -1,0 +1,33 @@
+# One image for the three bangui-geo services; the command picks the service:
+#   docker run bangui-geo python -m services.timer      (the default CMD runs the resolver)
+# docker-compose.yml builds it once and sets `command:` per service.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# An unprivileged user owns nothing but /data, where persistence keeps the SQLite file.
+RUN groupadd --system --gid 10001 bangui \
+    && useradd --system --uid 10001 --gid bangui --no-create-home --home-dir /app \
+        --shell /usr/sbin/nologin bangui \
+    && mkdir /data \
+    && chown bangui:bangui /data
+
+WORKDIR /app
+
+# The project and its runtime dependencies only (no test extra).
+COPY pyproject.toml README.md ./
+COPY shared/ shared/
+COPY services/ services/
+RUN pip install . \
+    && rm -rf build ./*.egg-info
+
+# docker-compose.yml mounts a named volume on /data; a new volume takes this directory's owner.
+ENV GEO_DB_PATH=/data/geo_cache.sqlite3
+
+USER bangui:bangui
+
+# Exec form: python is PID 1 and gets SIGTERM itself, for the graceful drain (GEO_DRAIN_TIMEOUT).
+CMD ["python", "-m", "services.resolver"]
