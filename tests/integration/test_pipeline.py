@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import iptocc
 import pycountry
 import pytest
@@ -257,3 +258,39 @@ def _sample_public_v4(n: int) -> list[tuple[int, int, int, int]]:
         if is_routable(".".join(map(str, parts))):
             out.append(parts)
     return out
+
+
+async def test_copies_routed_around_the_topology_are_dead_lettered(pipeline: Pipeline) -> None:
+    # RabbitMQ 3.x topic permissions ignore CC/BCC, and the default exchange routes by queue
+    # name: a consumer refuses any delivery whose routing key its queue is not bound to.
+    pipeline.start("persistence")
+    pipeline.start("resolver")
+    pipeline.start("timer")
+    await wait_for_topology(pipeline.amqp_url)
+    connection = await aio_pika.connect(pipeline.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange("bangui")
+        forged = b'{"batch_id": "x", "rows": [{"ip": "6.6.6.6", "resolution": "resolved",'
+        forged += b' "country_code": "ZZ", "cached_at": "2030-01-01T00:00:00Z"}]}'
+        await exchange.publish(
+            aio_pika.Message(b'{"ip": "8.8.8.8"}', headers={"CC": ["geo.upsert"]}), "ip.seen"
+        )
+        await channel.default_exchange.publish(aio_pika.Message(forged), "geo.persistence.upsert")
+
+    await async_poll(lambda: "8.8.8.8" in pipeline.rows(), deadline_s=15, what="the real ip.seen")
+
+    async def two_dead_letters() -> list[aio_pika.abc.AbstractIncomingMessage] | None:
+        got = await drain_queue(pipeline.amqp_url, "geo.dead_letter")
+        collected.extend(got)
+        return collected if len(collected) >= 2 else None
+
+    collected: list[aio_pika.abc.AbstractIncomingMessage] = []
+    dead = await async_poll(two_dead_letters, deadline_s=15, what="both copies dead-lettered")
+    reasons = sorted(str((m.headers or {})["x-geo-reject-reason"]) for m in dead)
+    assert reasons == [
+        "routing key 'geo.persistence.upsert' is not bound to geo.persistence.upsert",
+        "routing key 'ip.seen' is not bound to geo.persistence.upsert",
+    ]
+    assert "6.6.6.6" not in pipeline.rows()
+    assert pipeline.rows()["8.8.8.8"][0] == "US"
