@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import structlog
@@ -28,7 +29,12 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import (
     AMQPConnectionError,
+    AMQPError,
     ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    DeliveryError,
+    ProbableAuthenticationError,
+    PublishError,
 )
 from aiormq.exceptions import ChannelLockedResource
 from pydantic import BaseModel
@@ -212,6 +218,7 @@ class Consumer(Generic[M]):
     deferred_handler: DeferredHandler[M] | None
     publisher: AmqpPublisher
     max_bytes: int
+    routing_keys: frozenset[str]  # exact binding keys: anything else arrived by CC/BCC or by name
     consumed: int = 0
     dead_lettered: int = 0
     requeued: int = 0
@@ -260,6 +267,12 @@ class Consumer(Generic[M]):
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         self.consumed += 1
         try:
+            if message.routing_key not in self.routing_keys:
+                # RabbitMQ 3.x topic permissions don't check CC/BCC headers, and the default
+                # exchange routes by queue name: refuse what the topology would not route here.
+                raise Rejected(
+                    f"routing key {message.routing_key!r} is not bound to {self.queue.name}"
+                )
             model = decode(self.model, message.body, self.max_bytes)
             if self.deferred_handler is not None:
                 await self.deferred_handler(model, AmqpTicket(message, self))
@@ -372,7 +385,7 @@ class Amqp:
         channel = await open_channel(self.connection, prefetch)
         self._channels.append(channel)
         queue = await channel.get_queue(spec.name, ensure=True)
-        return await self._start(queue, model, handler, deferred_handler)
+        return await self._start(queue, spec.routing_keys, model, handler, deferred_handler)
 
     async def consume_private(
         self,
@@ -391,17 +404,25 @@ class Amqp:
         exchange = await channel.get_exchange(topology.EXCHANGE)
         for key in routing_keys:
             await queue.bind(exchange, routing_key=key)
-        return await self._start(queue, model, handler, None)
+        return await self._start(queue, routing_keys, model, handler, None)
 
     async def _start(
         self,
         queue: AbstractQueue,
+        routing_keys: Sequence[str],
         model: type[M],
         handler: Handler[M] | None,
         deferred_handler: DeferredHandler[M] | None,
     ) -> Consumer[M]:
         consumer = Consumer(
-            self.service, queue, model, handler, deferred_handler, self.publisher, self.max_bytes
+            self.service,
+            queue,
+            model,
+            handler,
+            deferred_handler,
+            self.publisher,
+            self.max_bytes,
+            frozenset(routing_keys),
         )
         await consumer.start()
         self.consumers.append(consumer)
@@ -459,3 +480,288 @@ async def _close_quietly(channel: AbstractChannel) -> None:
         await channel.close()
     except Exception as exc:  # closing is best effort: the connection goes next
         log.debug("amqp_channel_close_failed", error=repr(exc))
+
+
+# --- For tools and other components: one connect attempt, publishing without declaring, and
+# --- the dead-letter queue looked at and replayed (the bangui-geo CLI and shared.client).
+
+
+class BrokerUnreachable(Exception):
+    """One connection attempt failed; the message names the broker (password hidden) and why."""
+
+
+class PublishFailed(Exception):
+    """A publish was not confirmed (no answer, refused, unroutable or the connection was lost)."""
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _why(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, ProbableAuthenticationError):
+        return "login refused (check the user and password)"
+    text = str(exc) or repr(exc)
+    if "Connection.Close" in text:  # refused at connection.open: unknown vhost or no access
+        return "connection refused at open (does the vhost exist, may this user use it?)"
+    return text
+
+
+async def connect_once(url: str, *, connect_timeout: float) -> AbstractRobustConnection:
+    """Connect with a single attempt (no retry loop: a tool should fail fast and say why).
+
+    The connection is robust, so a long-lived client recovers from a broker restart later.
+    """
+    try:
+        return await aio_pika.connect_robust(url, timeout=connect_timeout)
+    except (TimeoutError, AMQPError, OSError) as exc:
+        raise BrokerUnreachable(
+            f"cannot connect to the broker at {redacted(url)}: {_why(exc, connect_timeout)}"
+        ) from None
+
+
+class ExchangePublisher:
+    """Publishes raw bodies on one existing exchange and waits for the broker's confirms.
+
+    It declares nothing (the services own the topology), so a publish-only user (write on
+    ``bangui``, no configure, no read) can use it. Publishes are mandatory: a message that no
+    queue would take raises instead of vanishing.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        channel: AbstractChannel,
+        exchange: AbstractExchange,
+        confirm_timeout: float,
+    ) -> None:
+        self.connection = connection
+        self._channel = channel
+        self._exchange = exchange
+        self._timeout = confirm_timeout
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        connect_timeout: float,
+        confirm_timeout: float,
+        exchange: str = topology.EXCHANGE,
+    ) -> ExchangePublisher:
+        connection = await connect_once(url, connect_timeout=connect_timeout)
+        try:
+            channel = await open_channel(connection)
+            try:
+                target = await channel.get_exchange(exchange, ensure=True)  # passive: no rights
+            except ChannelNotFoundEntity:
+                raise BrokerUnreachable(
+                    f"exchange {exchange!r} does not exist on {redacted(url)} "
+                    "(start a bangui-geo service once: it declares the topology)"
+                ) from None
+        except BaseException:
+            await connection.close()
+            raise
+        return cls(connection, channel, target, confirm_timeout)
+
+    async def publish(
+        self, routing_key: str, bodies: Sequence[bytes], *, window: int = 100
+    ) -> None:
+        """Publish ``bodies`` persistently, ``window`` confirms in flight at a time."""
+        for start in range(0, len(bodies), window):
+            try:
+                await asyncio.gather(
+                    *(
+                        self._exchange.publish(
+                            _message(body, expiration=None, headers=None),
+                            routing_key,
+                            mandatory=True,
+                            timeout=self._timeout,
+                        )
+                        for body in bodies[start : start + window]
+                    )
+                )
+            except PublishError:
+                raise PublishFailed(
+                    f"{routing_key} was not routed: no queue is bound to it on "
+                    f"{self._exchange.name!r} (has the resolver declared its queue?)"
+                ) from None
+            except TimeoutError:
+                raise PublishFailed(
+                    f"{routing_key} not confirmed within {self._timeout:g} s"
+                ) from None
+            except (AMQPError, ChannelInvalidStateError, RuntimeError) as exc:
+                raise PublishFailed(f"{routing_key} not confirmed: {exc!r}") from None
+
+    async def close(self) -> None:
+        await _close_quietly(self._channel)
+        await self.connection.close()
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message in ``geo.dead_letter``: why it is there and where a replay would send it."""
+
+    body: bytes
+    routing_key: str  # as it reached geo.dead_letter
+    replay_key: str | None  # the routing key it had on ``bangui``, if known
+    reason: str
+    rejected_by: str | None
+    original_queue: str | None
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
+
+
+def dead_letter_from(body: bytes, routing_key: str, headers: Mapping[str, object]) -> DeadLetter:
+    """Read our ``x-geo-*`` headers, or the broker's ``x-death`` for its own dead-lettering."""
+    death: Mapping[str, object] = {}
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+        death = deaths[0]  # the most recent death comes first
+    death_keys = death.get("routing-keys")
+    death_key = _text(death_keys[0]) if isinstance(death_keys, list) and death_keys else None
+    reason = _text(headers.get(topology.REASON_HEADER))
+    if reason is None:
+        broker_reason = _text(death.get("reason"))
+        reason = f"dead-lettered by the broker: {broker_reason}" if broker_reason else "unknown"
+    return DeadLetter(
+        body=body,
+        routing_key=routing_key,
+        replay_key=_text(headers.get(topology.ROUTING_KEY_HEADER))
+        or death_key
+        or (routing_key or None),
+        reason=reason,
+        rejected_by=_text(headers.get(topology.SERVICE_HEADER)),
+        original_queue=_text(headers.get(topology.QUEUE_HEADER)) or _text(death.get("queue")),
+    )
+
+
+def _letter(message: AbstractIncomingMessage) -> DeadLetter:
+    return dead_letter_from(message.body, message.routing_key or "", dict(message.headers))
+
+
+async def _dead_letter_queue(channel: AbstractChannel) -> tuple[AbstractQueue, int]:
+    try:
+        queue = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+    except ChannelNotFoundEntity:
+        raise BrokerUnreachable(
+            f"queue {topology.DEAD_LETTER_QUEUE!r} does not exist "
+            "(start a bangui-geo service once: it declares the topology)"
+        ) from None
+    return queue, int(queue.declaration_result.message_count or 0)
+
+
+async def peek_dead_letters(
+    connection: AbstractRobustConnection, *, limit: int
+) -> tuple[int, list[DeadLetter]]:
+    """The number of dead letters and the first ``limit`` of them, all left in the queue.
+
+    Each is taken unacked, so the next get returns the next one, and all are requeued at the
+    end (a requeue keeps their places). Their ``redelivered`` flag is set by this.
+    """
+    channel = await connection.channel()
+    try:
+        queue, total = await _dead_letter_queue(channel)
+        taken: list[AbstractIncomingMessage] = []
+        try:
+            for _ in range(min(total, limit)):
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                taken.append(message)
+        finally:
+            if taken:
+                with suppress(AMQPError, ChannelInvalidStateError, RuntimeError):
+                    await taken[-1].nack(multiple=True, requeue=True)
+        return total, [_letter(m) for m in taken]
+    finally:
+        await _close_quietly(channel)
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    letter: DeadLetter
+    replayed: bool
+    note: str  # what happened, e.g. "replayed to ip.seen" or why it was kept
+
+
+async def replay_dead_letters(
+    connection: AbstractRobustConnection,
+    *,
+    confirm_timeout: float,
+    limit: int,
+    dry_run: bool = False,
+) -> list[ReplayOutcome]:
+    """Republish dead letters to ``bangui`` with their original routing keys, each acked only
+    after its republish is confirmed; those that cannot go back stay in the queue.
+
+    At most the number of messages present at the start are taken, so a message that fails
+    again and returns to the queue during the replay is not replayed twice.
+    """
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    kept: list[AbstractIncomingMessage] = []
+    try:
+        queue, total = await _dead_letter_queue(channel)
+        exchange = await channel.get_exchange(topology.EXCHANGE, ensure=True)
+        outcomes: list[ReplayOutcome] = []
+        for _ in range(min(total, limit)):
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            letter = _letter(message)
+            if letter.replay_key is None:
+                kept.append(message)
+                outcomes.append(ReplayOutcome(letter, False, "kept: no original routing key"))
+                continue
+            if dry_run:
+                kept.append(message)
+                note = f"would replay to {letter.replay_key}"
+                outcomes.append(ReplayOutcome(letter, False, note))
+                continue
+            try:
+                await exchange.publish(
+                    _message(message.body, expiration=None, headers=None),
+                    letter.replay_key,
+                    mandatory=True,
+                    timeout=confirm_timeout,
+                )
+            except PublishError:
+                kept.append(message)
+                note = f"kept: no queue is bound to {letter.replay_key}"
+                outcomes.append(ReplayOutcome(letter, False, note))
+                continue
+            except DeliveryError:
+                kept.append(message)
+                outcomes.append(ReplayOutcome(letter, False, "kept: the broker refused it"))
+                continue
+            except (TimeoutError, AMQPError, ChannelInvalidStateError, RuntimeError) as exc:
+                why = (
+                    f"no answer within {confirm_timeout:g} s"
+                    if isinstance(exc, TimeoutError)
+                    else repr(exc)
+                )
+                raise PublishFailed(
+                    f"replay to {letter.replay_key} not confirmed ({why}) after "
+                    f"{sum(o.replayed for o in outcomes)} replayed; the rest stay queued"
+                ) from None
+            await message.ack()
+            outcomes.append(ReplayOutcome(letter, True, f"replayed to {letter.replay_key}"))
+        for message in kept:
+            await message.nack(requeue=True)
+        kept.clear()
+        return outcomes
+    finally:
+        await _close_quietly(channel)  # anything still unacked goes back to the queue
