@@ -26,6 +26,10 @@ RUN pip install . \
 
 # docker-compose.yml mounts a named volume on /data; a new volume takes this directory's owner.
 ENV GEO_DB_PATH=/data/geo_cache.sqlite3
+# /metrics and /health for Prometheus and the compose healthchecks.
+ENV GEO_METRICS_PORT=9100 \
+    GEO_METRICS_HOST=0.0.0.0
+EXPOSE 9100
 
 USER bangui:bangui
 

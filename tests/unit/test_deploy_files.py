@@ -393,6 +393,18 @@ def test_dockerfile_builds_a_slim_non_root_image_of_the_project(dockerfile: Dock
     assert re.search(rf"chown (-R )?{user}(:\S+)? /data\b", setup)
 
 
+def test_app_healthchecks_ask_the_health_endpoint_on_the_metrics_port(
+    compose: dict[str, Any], dockerfile: Dockerfile
+) -> None:
+    env = " ".join(dockerfile.all("ENV"))
+    port = re.search(r"GEO_METRICS_PORT=(\d+)", env)
+    assert port, "the image does not enable /metrics and /health"
+    assert "GEO_METRICS_HOST=0.0.0.0" in env
+    for name in ("resolver", "timer", "persistence"):
+        test = " ".join(compose["services"][name]["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{port.group(1)}/health" in test, name
+
+
 def test_dockerignore_keeps_what_the_image_copies(dockerfile: Dockerfile) -> None:
     patterns = [
         line.strip()
