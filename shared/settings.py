@@ -6,6 +6,7 @@ bad value into one line that names the variable, so a misconfigured service stop
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -148,8 +149,11 @@ def check_provider_files(settings: Settings) -> None:
 
 def load_settings() -> Settings:
     """Read the environment; raise ``SettingsError`` naming the first bad variable."""
+    secrets = Path(os.environ.get("GEO_SECRETS_DIR", "/run/secrets"))
     try:
-        return Settings()
+        # Secret files (docker/compose secrets) named like the variable, e.g. geo_amqp_url,
+        # keep credentials out of the environment; the environment still wins.
+        return Settings(_secrets_dir=secrets) if secrets.is_dir() else Settings()
     except ValidationError as exc:
         error = exc.errors()[0]
         message = error["msg"].removeprefix("Value error, ")

@@ -109,3 +109,14 @@ def test_service_with_a_bad_setting_exits_2_with_one_line() -> None:
     assert "GEO_FLUSH_INTERVAL" in lines[0]
     assert lines[0].startswith("resolver: invalid setting GEO_FLUSH_INTERVAL: ")
     assert result.stdout == ""
+
+
+def test_secret_files_supply_settings_and_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "geo_amqp_url").write_text("amqp://geo-resolver:s3cret@broker:5672/bangui\n")
+    monkeypatch.setenv("GEO_SECRETS_DIR", str(tmp_path))
+    monkeypatch.delenv("GEO_AMQP_URL", raising=False)
+    assert load_settings().amqp_url == "amqp://geo-resolver:s3cret@broker:5672/bangui"
+    monkeypatch.setenv("GEO_AMQP_URL", "amqp://from-env:5672/")
+    assert load_settings().amqp_url == "amqp://from-env:5672/"
