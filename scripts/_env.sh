@@ -61,3 +61,16 @@ ensure_rabbitmq_management() {
   for _ in $(seq 1 30); do port_open 127.0.0.1 15672 && return 0; sleep 1; done
   return 0
 }
+
+# The fail2ban end-to-end test runs a real fail2ban-server (Debian package fail2ban).
+ensure_fail2ban() {
+  command -v fail2ban-server >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing fail2ban (apt-get)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fail2ban; } \
+      >/tmp/bangui-geo-apt.log 2>&1 || { cat /tmp/bangui-geo-apt.log >&2; return 1; }
+    return 0
+  fi
+  echo "fail2ban-server is missing: install the fail2ban package (apt-get install -y fail2ban)" >&2
+  return 1
+}

@@ -486,11 +486,15 @@ async def _close_quietly(channel: AbstractChannel) -> None:
 # --- the dead-letter queue looked at and replayed (the bangui-geo CLI and shared.client).
 
 
-class BrokerUnreachable(Exception):
+class BrokerError(Exception):
+    """A broker operation of a tool failed; the message says what and why, in one line."""
+
+
+class BrokerUnreachable(BrokerError):
     """One connection attempt failed; the message names the broker (password hidden) and why."""
 
 
-class PublishFailed(Exception):
+class PublishFailed(BrokerError):
     """A publish was not confirmed (no answer, refused, unroutable or the connection was lost)."""
 
 
@@ -657,7 +661,7 @@ async def _dead_letter_queue(channel: AbstractChannel) -> tuple[AbstractQueue, i
     try:
         queue = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
     except ChannelNotFoundEntity:
-        raise BrokerUnreachable(
+        raise BrokerError(
             f"queue {topology.DEAD_LETTER_QUEUE!r} does not exist "
             "(start a bangui-geo service once: it declares the topology)"
         ) from None
@@ -687,6 +691,8 @@ async def peek_dead_letters(
                 with suppress(AMQPError, ChannelInvalidStateError, RuntimeError):
                     await taken[-1].nack(multiple=True, requeue=True)
         return total, [_letter(m) for m in taken]
+    except (AMQPError, ChannelInvalidStateError) as exc:  # e.g. ACCESS_REFUSED: no read right
+        raise BrokerError(f"cannot read {topology.DEAD_LETTER_QUEUE}: {exc}") from None
     finally:
         await _close_quietly(channel)
 
@@ -712,11 +718,11 @@ async def replay_dead_letters(
     again and returns to the queue during the replay is not replayed twice.
     """
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    kept: list[AbstractIncomingMessage] = []
     try:
         queue, total = await _dead_letter_queue(channel)
         exchange = await channel.get_exchange(topology.EXCHANGE, ensure=True)
         outcomes: list[ReplayOutcome] = []
+        kept: list[AbstractIncomingMessage] = []  # requeued at the end, in their places
         for _ in range(min(total, limit)):
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
@@ -761,7 +767,8 @@ async def replay_dead_letters(
             outcomes.append(ReplayOutcome(letter, True, f"replayed to {letter.replay_key}"))
         for message in kept:
             await message.nack(requeue=True)
-        kept.clear()
         return outcomes
+    except (AMQPError, ChannelInvalidStateError) as exc:  # e.g. ACCESS_REFUSED: no read right
+        raise BrokerError(f"cannot replay {topology.DEAD_LETTER_QUEUE}: {exc}") from None
     finally:
         await _close_quietly(channel)  # anything still unacked goes back to the queue
