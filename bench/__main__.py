@@ -1,0 +1,5 @@
+"""``python -m bench``: the benchmark command (see ``bench.cli``)."""
+
+from bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""``python -m bench [--quick] [--json PATH]``: run every scenario once, print each figure beside
+its baseline as soon as it is measured, then delete the run's vhosts and temp files.
+
+Scenarios run one after another (never two at once, so they do not compete for the CPUs), each
+in a vhost of its own. A scenario that cannot run marks its figures ERROR and the run goes on;
+the exit status is 1 only then. A MISS never changes the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.broker import VhostPool, admin_from_env, broker_version, masked
+from bench.drain import bulk_plan, run_drain, single_ip_plan
+from bench.ipapi import run_ipapi
+from bench.latency import run_latency
+from bench.machine import CpuWatch, describe
+from bench.memory import run_memory
+from bench.persistence import run_persistence
+from bench.report import HEADER, Figure, Label, render, write_json
+
+
+@dataclass(frozen=True)
+class Sizes:
+    single_messages: int
+    bulk_messages: int
+    upsert_batches: int
+    upsert_rounds: int
+    memory_ips: int
+    ipapi_burst: int
+    latency_messages: int
+    latency_rate: float
+
+
+FULL = Sizes(50_000, 200, 100, 3, 200_000, 5_000, 500, 100.0)
+QUICK = Sizes(5_000, 20, 20, 3, 200_000, 2_000, 200, 100.0)
+
+Runner = Callable[[VhostPool, Path], Awaitable[list[Figure]]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    keys: tuple[str, ...]
+    run: Runner
+
+
+def scenarios(sizes: Sizes, tail_flush_interval: float) -> list[Scenario]:
+    async def single(pool: VhostPool, work: Path) -> list[Figure]:
+        plan = single_ip_plan(sizes.single_messages, tail_flush_interval)
+        return [await run_drain(plan, pool.new("single"), work / "single")]
+
+    async def bulk(pool: VhostPool, work: Path) -> list[Figure]:
+        plan = bulk_plan(sizes.bulk_messages, tail_flush_interval)
+        return [await run_drain(plan, pool.new("bulk"), work / "bulk")]
+
+    async def persistence(pool: VhostPool, work: Path) -> list[Figure]:
+        return await run_persistence(sizes.upsert_batches, sizes.upsert_rounds, work / "sqlite")
+
+    async def memory(pool: VhostPool, work: Path) -> list[Figure]:
+        return [await asyncio.to_thread(run_memory, sizes.memory_ips)]
+
+    async def ipapi(pool: VhostPool, work: Path) -> list[Figure]:
+        return [await run_ipapi(sizes.ipapi_burst, pool.new("ipapi"), work / "ipapi")]
+
+    async def latency(pool: VhostPool, work: Path) -> list[Figure]:
+        return await run_latency(
+            sizes.latency_messages, sizes.latency_rate, pool.new("latency"), work / "latency"
+        )
+
+    return [
+        Scenario("single", ("single_ip_drain",), single),
+        Scenario("bulk", ("bulk_drain",), bulk),
+        Scenario("persistence", ("persistence_upsert", "commits_per_upsert"), persistence),
+        Scenario("memory", ("resolver_memory",), memory),
+        Scenario("ipapi", ("ipapi_batch_fill",), ipapi),
+        Scenario("latency", ("e2e_latency_p50", "e2e_latency_p99", "commits_per_flush"), latency),
+    ]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Side-by-side benchmark of bangui-geo against bare baselines (issue 6). "
+        "Broker: GEO_BENCH_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/), management "
+        "API: GEO_BENCH_MANAGEMENT_URL (default http://<host>:15672).",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes (CI; about a minute)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=["single", "bulk", "persistence", "memory", "ipapi", "latency"],
+        help="run only this scenario (repeatable)",
+    )
+    parser.add_argument(
+        "--tail-flush-interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="timer flush interval during the drains; it closes a burst's tail (default 1)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, help="keep databases and service logs here (default: a temp dir)"
+    )
+    return parser.parse_args(argv)
+
+
+WORK_DIRS = ("single", "bulk", "sqlite", "ipapi", "latency")
+
+
+async def run(args: argparse.Namespace, work: Path) -> int:
+    started = time.monotonic()
+    admin = admin_from_env()
+    sizes = QUICK if args.quick else FULL
+    header = {
+        "mode": "quick" if args.quick else "full",
+        **describe(broker_version(admin)),
+        "broker": masked(admin.amqp_url),
+    }
+    print("bangui-geo benchmark (issue 6): project vs bare baseline, same broker, same run")
+    for key, value in header.items():
+        print(f"  {key:<9} {value}")
+    pool = VhostPool(admin)
+    print(f"  vhosts    {pool.prefix}* (deleted at the end)")
+    print(f"  workdir   {work}")
+    print()
+    print(HEADER, flush=True)
+
+    chosen = [
+        s
+        for s in scenarios(sizes, args.tail_flush_interval)
+        if not args.only or s.name in args.only
+    ]
+    figures: list[Figure] = []
+    try:
+        for scenario in chosen:
+            watch = CpuWatch()
+            try:
+                made = await scenario.run(pool, work)
+                others, available = watch.report()
+                made[0].details.append(
+                    f"noise check: other processes used {others:.1f} of the {available:.0f} "
+                    f"CPU-seconds available during this scenario (the broker and ours excluded)"
+                )
+                made[0].metrics["others_cpu_s"] = others
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}".splitlines()
+                made = [
+                    Figure(key, f"scenario {scenario.name}", "", note=reason[0], failed=True)
+                    for key in scenario.keys
+                ]
+                made[0].details += reason[1:]
+            for figure in made:
+                figures.append(figure)
+                print("\n".join(render(figure)), flush=True)
+    finally:
+        leftover = pool.delete_all()
+    elapsed = time.monotonic() - started
+    print()
+    misses = [f.key for f in figures if f.label is Label.MISS]
+    errors = [f.key for f in figures if f.label is Label.ERROR]
+    print(
+        f"done in {elapsed:.0f} s (load {os.getloadavg()[0]:.2f}): {len(figures)} figures, "
+        f"{sum(f.label is Label.PASS for f in figures)} PASS, {len(misses)} MISS"
+        + (f" ({', '.join(misses)})" if misses else "")
+        + (f", {len(errors)} ERROR ({', '.join(errors)})" if errors else "")
+    )
+    if leftover:
+        print(f"could not delete vhosts: {', '.join(leftover)}", file=sys.stderr)
+    if args.json:
+        write_json(args.json, {**header, "wall_s": round(elapsed, 1)}, figures)
+        print(f"figures written to {args.json}")
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bangui-geo-bench-") as tmp:
+        work = (args.workdir or Path(tmp)).resolve()
+        for name in WORK_DIRS:
+            (work / name).mkdir(parents=True, exist_ok=True)
+        try:
+            return asyncio.run(run(args, work))
+        except KeyboardInterrupt:
+            return 130

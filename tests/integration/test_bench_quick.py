@@ -1,0 +1,86 @@
+"""Keeps the benchmark working: ``python -m bench --quick`` against the test broker must finish,
+print every figure line with a result label, and write the JSON. Timings are never asserted (a
+MISS is a fine outcome here); only a scenario that could not run fails the test."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.broker import BrokerAdmin
+from tests.integration.support import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+FIGURES = (
+    "single_ip_drain",
+    "bulk_drain",
+    "persistence_upsert",
+    "commits_per_upsert",
+    "resolver_memory",
+    "ipapi_batch_fill",
+    "e2e_latency_p50",
+    "e2e_latency_p99",
+    "commits_per_flush",
+)
+LABELS = r"(PASS|MISS|INFO|not measured \(stand-in not available\))"
+
+
+def test_quick_benchmark_prints_every_figure(broker_admin: BrokerAdmin, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEO_")}
+    env.update(
+        GEO_BENCH_AMQP_URL=broker_admin.amqp_url,
+        GEO_BENCH_MANAGEMENT_URL=broker_admin.management_url,
+        PYTHONUNBUFFERED="1",
+    )
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, printed
+    for key in FIGURES:
+        line = re.compile(rf"^{key}\s.*\s{LABELS}$", re.MULTILINE)
+        assert line.search(result.stdout), f"no result line for {key}:\n{printed}"
+    for header in (r"mode\s+quick", r"date\s+\d{4}-", r"cpu\s+\S", r"rabbitmq\s+\S"):
+        assert re.search(rf"^\s+{header}", result.stdout, re.MULTILINE), f"header {header}"
+    document = json.loads(out.read_text())
+    assert [f["key"] for f in document["figures"]] == list(FIGURES)
+    assert all(f["label"] != "ERROR" for f in document["figures"])
+    vhosts = re.search(r"vhosts\s+(\S+)\*", result.stdout)
+    assert vhosts is not None
+    assert not _vhosts_with_prefix(broker_admin, vhosts.group(1)), "the run's vhosts are deleted"
+
+
+def _vhosts_with_prefix(admin: BrokerAdmin, prefix: str) -> list[str]:
+    """Vhosts whose name starts with ``prefix`` (management API, or rabbitmqctl without it)."""
+    if admin.api_available():
+        request = urllib.request.Request(admin.management_url + "/api/vhosts")
+        token = base64.b64encode(f"{admin.user}:{admin.password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            names = [str(v["name"]) for v in json.load(response)]
+    else:
+        ctl = shutil.which("rabbitmqctl")
+        if ctl is None:
+            return []
+        listing = subprocess.run(
+            [ctl, "list_vhosts", "-q"], capture_output=True, text=True, check=True
+        )
+        names = listing.stdout.split()
+    return [n for n in names if n.startswith(prefix)]
