@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -67,9 +66,24 @@ WHERE country_code IS NULL AND (resolution IS NULL OR resolution = '{Resolution.
 """
 
 
-def iso_utc(moment: datetime) -> str:
-    """ISO-8601 UTC with a fixed width, so text order is time order."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+Params = tuple[str, str | None, str | None, str | None, str | None, str, str, str | None]
+
+
+def to_params(rows: Sequence[GeoRow]) -> list[Params]:
+    """Rows in ``COLUMNS`` order, as the UPSERT statement binds them."""
+    return [
+        (
+            r.ip,
+            r.country_code,
+            r.country_name,
+            r.asn,
+            r.org,
+            r.cached_at,
+            str(r.resolution),
+            r.provider,
+        )
+        for r in rows
+    ]
 
 
 class GeoRepository(Protocol):
@@ -99,19 +113,7 @@ class SqliteGeoRepository:
 
     async def upsert_many(self, rows: Sequence[GeoRow]) -> int:
         """Apply ``rows`` in one transaction; returns rows inserted or changed."""
-        params = [
-            (
-                r.ip,
-                r.country_code,
-                r.country_name,
-                r.asn,
-                r.org,
-                iso_utc(r.cached_at),
-                r.resolution.value,
-                r.provider,
-            )
-            for r in rows
-        ]
+        params = to_params(rows)
         try:
             cursor = await self._db.executemany(UPSERT, params)
             await self._db.commit()

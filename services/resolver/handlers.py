@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import structlog
 
@@ -30,6 +29,7 @@ from shared.messages import (
     IpResolved,
     IpSeen,
     RetryUnresolved,
+    iso_utc_from_epoch,
 )
 from shared.ports import Acker, Publisher, Ticket
 
@@ -197,15 +197,15 @@ async def _announce(batches: Sequence[GeoUpsertBatch], deps: ResolverDeps) -> No
 def _batch(entries: Sequence[DirtyEntry]) -> GeoUpsertBatch:
     # Internal, already-validated data: model_construct skips re-validating every row.
     rows = [
-        GeoRow.model_construct(
-            ip=e.ip,
-            country_code=e.geo.country_code,
-            country_name=e.geo.country_name,
-            asn=e.geo.asn,
-            org=e.geo.org,
-            resolution=e.geo.resolution,
-            provider=e.geo.provider,
-            cached_at=datetime.fromtimestamp(e.resolved_at, UTC),
+        GeoRow(
+            e.ip,
+            e.geo.resolution,
+            iso_utc_from_epoch(e.resolved_at),
+            e.geo.country_code,
+            e.geo.country_name,
+            e.geo.asn,
+            e.geo.org,
+            e.geo.provider,
         )
         for e in entries
     ]

@@ -24,7 +24,7 @@ from services.cli.inputs import InputError, by_jail, from_fail2ban_log, from_lin
 from services.cli.progress import ProgressBar
 from services.persistence.repository import SqliteGeoRepository
 from shared.amqp import dead_letter_from
-from shared.messages import GeoRow, Resolution
+from shared.messages import GeoRow, Resolution, iso_utc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -295,7 +295,7 @@ def row(
         country_name=name,
         resolution=resolution,
         provider="embedded" if code else None,
-        cached_at=NOW - timedelta(seconds=ago_s),
+        cached_at=iso_utc(NOW - timedelta(seconds=ago_s)),
     )
 
 

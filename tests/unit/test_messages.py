@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import TypeAdapter, ValidationError
 
 from shared.messages import (
     MESSAGE_MODELS,
@@ -19,10 +21,14 @@ from shared.messages import (
     IpSeen,
     Resolution,
     RetryUnresolved,
+    iso_utc,
+    iso_utc_from_epoch,
 )
 
 SNAPSHOT = Path(__file__).with_name("message_schemas.json")
 WHEN = datetime(2027, 1, 15, 8, 0, tzinfo=UTC)
+
+GEO_ROW = TypeAdapter(GeoRow)
 
 
 def ips(n: int) -> list[str]:
@@ -30,7 +36,7 @@ def ips(n: int) -> list[str]:
 
 
 def row(ip: str = "8.8.8.8", **overrides: Any) -> dict[str, Any]:
-    return {"ip": ip, "resolution": "failed", "cached_at": WHEN.isoformat(), **overrides}
+    return {"ip": ip, "resolution": "failed", "cached_at": iso_utc(WHEN), **overrides}
 
 
 def test_ip_seen_single() -> None:
@@ -113,16 +119,25 @@ def test_geo_upsert_batch_takes_1_to_1000_rows() -> None:
 
 
 def test_geo_row_validates_its_fields() -> None:
-    parsed = GeoRow.model_validate(
-        row("::ffff:8.8.8.8", country_code="US", resolution="resolved", provider="embedded")
+    parsed = GEO_ROW.validate_python(
+        row("8.8.8.8", country_code="US", resolution="resolved", provider="embedded")
     )
     assert parsed.ip == "8.8.8.8"
+    # The resolver normalizes; persistence only checks the shape of what it stores.
+    with pytest.raises(ValidationError, match="ip"):
+        GEO_ROW.validate_python(row("8.8.8.8'); DROP TABLE geo_cache; --"))
+    with pytest.raises(ValidationError, match="ip"):
+        GEO_ROW.validate_python(row("1" * 46))
+    on_the_wire = GeoUpsertBatch.model_validate(
+        {"batch_id": "b", "rows": [parsed]}
+    ).model_dump_json()
+    assert '"rows":[["8.8.8.8","resolved",' in on_the_wire
     assert parsed.resolution is Resolution.RESOLVED
-    assert parsed.cached_at == WHEN
+    assert parsed.cached_at == iso_utc(WHEN)
     with pytest.raises(ValidationError, match="country_code"):
-        GeoRow.model_validate(row(country_code="USA"))
+        GEO_ROW.validate_python(row(country_code="USA"))
     with pytest.raises(ValidationError, match="resolution"):
-        GeoRow.model_validate(row(resolution="maybe"))
+        GEO_ROW.validate_python(row(resolution="maybe"))
 
 
 def current_schemas() -> dict[str, Any]:
@@ -147,3 +162,12 @@ def test_the_snapshot_covers_every_message_model() -> None:
     names = set(json.loads(SNAPSHOT.read_text(encoding="utf-8")))
     assert names == {model.__name__ for model in MESSAGE_MODELS}
     assert {"IpSeen", "FlushDirty", "ReResolveStale", "RetryUnresolved", "GeoUpsertBatch"} <= names
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_iso_utc_from_epoch_matches_iso_utc_of_the_datetime(seconds: float) -> None:
+    fast = iso_utc_from_epoch(seconds)
+    exact = iso_utc(datetime.fromtimestamp(seconds, UTC))
+    gap = datetime.fromisoformat(fast) - datetime.fromisoformat(exact)
+    assert abs(gap.total_seconds()) <= 1e-6  # the same instant, rounding aside
+    assert TypeAdapter(GeoRow).validate_python(("8.8.8.8", "failed", fast)).cached_at == fast

@@ -13,7 +13,14 @@ import pytest
 from services.persistence.handlers import PersistenceDeps, on_geo_upsert_batch, on_re_resolve
 from shared import topology
 from shared.errors import Transient
-from shared.messages import GeoRow, GeoUpsertBatch, ReResolveStale, Resolution, RetryUnresolved
+from shared.messages import (
+    GeoRow,
+    GeoUpsertBatch,
+    ReResolveStale,
+    Resolution,
+    RetryUnresolved,
+    iso_utc,
+)
 from tests.fakes import FakePublisher, InMemoryGeoRepository
 
 WHEN = datetime(2027, 1, 15, 8, 0, tzinfo=UTC)
@@ -22,14 +29,12 @@ WHEN = datetime(2027, 1, 15, 8, 0, tzinfo=UTC)
 def geo_row(ip: str, code: str | None = None, resolution: Resolution | None = None) -> GeoRow:
     if resolution is None:
         resolution = Resolution.RESOLVED if code else Resolution.FAILED
-    return GeoRow(ip=ip, country_code=code, resolution=resolution, cached_at=WHEN)
+    return GeoRow(ip=ip, country_code=code, resolution=resolution, cached_at=iso_utc(WHEN))
 
 
 def stored_as(raw_ip: str, resolution: Resolution, code: str | None = None) -> GeoRow:
     """A row as a legacy table may hold it: the ip spelled any way, unvalidated."""
-    return GeoRow.model_construct(
-        ip=raw_ip, country_code=code, resolution=resolution, cached_at=WHEN
-    )
+    return GeoRow(ip=raw_ip, country_code=code, resolution=resolution, cached_at=iso_utc(WHEN))
 
 
 def re_resolve(tick_id: str = "re_resolve:1800000600.000") -> ReResolveStale:

@@ -30,6 +30,7 @@ from shared.messages import (
     IpSeen,
     Resolution,
     RetryUnresolved,
+    iso_utc,
 )
 from shared.settings import Settings
 from tests.fakes import FakeAcker, FakeLookup, FakePublisher, FakeTicket, ManualClock
@@ -108,7 +109,7 @@ async def test_answer_is_flushed_as_a_row() -> None:
     )
     assert row.resolution is Resolution.RESOLVED
     assert row.provider == "fake"
-    assert row.cached_at == datetime.fromtimestamp(r.clock.now, UTC)
+    assert row.cached_at == iso_utc(datetime.fromtimestamp(r.clock.now, UTC))
 
 
 async def test_published_batches_are_valid_on_the_wire() -> None:
