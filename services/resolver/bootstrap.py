@@ -104,6 +104,15 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         resources.push_async_callback(amqp.close)
         deps = build_deps(settings, lookup=lookup, publisher=amqp.publisher, acker=amqp)
         try:
+            # Commands first: with a backlog, ip.seen deliveries would delay their registration
+            # and the timer's geo.flush would find no queue bound yet.
+            await amqp.consume_private(
+                f"{topology.RESOLVER_FLUSH_PREFIX}{socket.gethostname()}.{os.getpid()}",
+                topology.RESOLVER_FLUSH_KEYS,
+                FlushDirty,
+                prefetch=4,
+                handler=partial(on_flush_dirty, deps=deps),
+            )
             await amqp.consume(
                 topology.RESOLVER_IP_SEEN,
                 IpSeen,
@@ -115,13 +124,6 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 RetryUnresolved,
                 prefetch=settings.prefetch,
                 deferred_handler=partial(on_retry_unresolved, deps=deps),
-            )
-            await amqp.consume_private(
-                f"{topology.RESOLVER_FLUSH_PREFIX}{socket.gethostname()}.{os.getpid()}",
-                topology.RESOLVER_FLUSH_KEYS,
-                FlushDirty,
-                prefetch=4,
-                handler=partial(on_flush_dirty, deps=deps),
             )
             metrics = await serve_metrics(settings, resolver_metrics(deps, amqp), amqp.healthy)
             if metrics is not None:

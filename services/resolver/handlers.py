@@ -33,6 +33,8 @@ from shared.messages import (
 )
 from shared.ports import Acker, Publisher, Ticket
 
+FLUSH_RETRY_DELAY = 1.0
+
 
 @dataclass
 class ResolverState:
@@ -40,7 +42,7 @@ class ResolverState:
 
     held: list[Ticket] = field(default_factory=list)
     flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    background: set[asyncio.Task[None]] = field(default_factory=set)
+    background: set[asyncio.Task[bool]] = field(default_factory=set)
     last_tick_id: str | None = None
     flushes: int = 0
     rows_flushed: int = 0
@@ -64,12 +66,14 @@ class ResolverDeps:
 
 
 async def on_ip_seen(event: IpSeen, ticket: Ticket, deps: ResolverDeps) -> None:
+    await _wait_for_room(deps)
     ips = event.addresses
     await _resolve(deps.cache.missing(ips, deps.clock()), deps)
     await _hold_or_ack(ips, ticket, deps)
 
 
 async def on_retry_unresolved(cmd: RetryUnresolved, ticket: Ticket, deps: ResolverDeps) -> None:
+    await _wait_for_room(deps)
     again = deps.cache.forget_failures(cmd.ips)
     await _resolve(again, deps)
     deps.log.info("geo_retry_ran", tick_id=cmd.tick_id, ips=len(cmd.ips), looked_up=len(again))
@@ -118,26 +122,39 @@ async def _hold_or_ack(ips: Sequence[str], ticket: Ticket, deps: ResolverDeps) -
         await deps.acker.ack([ticket])
 
 
-def request_flush(deps: ResolverDeps, *, trigger: str) -> None:
-    """Start a flush in the background unless one is already waiting for the lock."""
+async def _wait_for_room(deps: ResolverDeps) -> None:
+    """Backpressure: while the dirty set is full, a new delivery waits for the flush draining it.
+
+    Bulk messages carry up to 1000 IPs each, so the prefetch alone does not bound memory.
+    """
+    while deps.cache.dirty_count >= deps.flush_max_dirty:
+        flushing = request_flush(deps, trigger="size")
+        if not await flushing:
+            await asyncio.sleep(FLUSH_RETRY_DELAY)  # broker trouble: don't spin on failures
+
+
+def request_flush(deps: ResolverDeps, *, trigger: str) -> asyncio.Task[bool]:
+    """The running background flush, or a new one; its result says whether it succeeded."""
     state = deps.state
-    if any(not t.done() for t in state.background):
-        return
+    for task in state.background:
+        if not task.done():
+            return task
     task = asyncio.create_task(_flush_logged(deps, trigger))
     state.background.add(task)
     task.add_done_callback(state.background.discard)
+    return task
 
 
-async def _flush_logged(deps: ResolverDeps, trigger: str) -> None:
+async def _flush_logged(deps: ResolverDeps, trigger: str) -> bool:
     # Deliveries held while this flush ran may have reached the limit again: flush until not.
     while True:
         try:
             await flush(deps, trigger=trigger)
         except Exception as exc:  # the entries are back in the dirty set; the next flush retries
             deps.log.warning("geo_cache_flush_failed", trigger=trigger, error=repr(exc))
-            return
+            return False
         if not _over_limits(deps):
-            return
+            return True
 
 
 def _over_limits(deps: ResolverDeps) -> bool:

@@ -379,3 +379,31 @@ async def test_ip_resolved_can_be_switched_off() -> None:
     await flush(r.deps, trigger="test")
     assert r.publisher.on(topology.RESOLVED) == []
     assert len(r.batches()) == 1
+
+
+async def test_a_full_dirty_set_makes_new_deliveries_wait_for_the_flush() -> None:
+    answers = {ip: US for ip in ("8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1", "9.9.9.9")}
+    r = make_resolver(answers, flush_max_dirty=2)
+    gate = asyncio.Event()
+    publish = r.publisher.publish
+
+    async def slow_publish(*args: Any, **kwargs: Any) -> None:
+        await gate.wait()
+        await publish(*args, **kwargs)
+
+    r.publisher.publish = slow_publish  # type: ignore[method-assign]
+    await r.seen("8.8.8.8", "8.8.4.4", ticket="a")  # full: a flush starts and blocks
+    for _ in range(3):
+        await asyncio.sleep(0)  # the flush takes the dirty set, then waits on the gate
+    await r.seen("1.1.1.1", "1.0.0.1", ticket="b")  # refills the dirty set meanwhile
+    late = asyncio.create_task(r.seen("9.9.9.9", ticket="c"))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not late.done()
+    assert r.deps.cache.get("9.9.9.9", r.clock.now) is None  # not even looked up yet
+    gate.set()
+    await late
+    flushed = [row.ip for batch in r.batches() for row in batch.rows]
+    assert flushed == ["8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1"]
+    assert r.deps.cache.dirty_count == 1  # 9.9.9.9, admitted once there was room
+    assert [t.name for t in r.acker.acked] == ["a", "b"]  # type: ignore[attr-defined]
