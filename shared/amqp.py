@@ -150,14 +150,14 @@ class AmqpPublisher:
         expiration: float | None = None,
         mandatory: bool = True,
     ) -> None:
-        await self.publish_raw(
+        await self.publish_bodies(
             routing_key,
             [m.model_dump_json().encode() for m in messages],
             expiration=expiration,
             mandatory=mandatory,
         )
 
-    async def publish_raw(
+    async def publish_bodies(
         self,
         routing_key: str,
         bodies: Sequence[bytes],

@@ -13,6 +13,13 @@ import socket
 
 def normalize_ip(value: str) -> str:
     """Return the canonical text of an IP address; raise ``ValueError`` naming the bad input."""
+    if ":" not in value:  # fast path: dotted-quad IPv4 (inet_pton refuses leading zeros)
+        try:
+            socket.inet_pton(socket.AF_INET, value)
+        except (OSError, ValueError):  # ValueError: an embedded NUL
+            pass
+        else:
+            return value
     address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     try:
         address = ipaddress.ip_address(value)

@@ -22,6 +22,17 @@ class Publisher(Protocol):
         """``mandatory=False`` for events nobody may be listening to (e.g. ``ip.resolved``)."""
         ...
 
+    async def publish_bodies(
+        self,
+        routing_key: str,
+        bodies: Sequence[bytes],
+        *,
+        expiration: float | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Already-serialized bodies, for hot paths that build their JSON once."""
+        ...
+
 
 class Ticket(Protocol):
     """A delivery whose ack the handler postpones until its effect is durable downstream.

@@ -9,8 +9,15 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from services.resolver.geo import Geo
-from shared.messages import GeoRow, Resolution
+from shared import topology
+from shared.messages import GeoRow, GeoUpsertBatch, IpResolved, Resolution, RetryUnresolved
 from shared.ports import Ticket
+
+MODELS_BY_ROUTING_KEY: dict[str, type[BaseModel]] = {
+    topology.UPSERT: GeoUpsertBatch,
+    topology.RESOLVED: IpResolved,
+    topology.RETRY: RetryUnresolved,
+}
 
 
 @dataclass
@@ -34,6 +41,23 @@ class FakePublisher:
             raise exc
         self.published.extend((routing_key, m, expiration) for m in messages)
         self.mandatory[routing_key] = mandatory
+
+    async def publish_bodies(
+        self,
+        routing_key: str,
+        bodies: Sequence[bytes],
+        *,
+        expiration: float | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Decode with the routing key's model, as the consumer would, and record the models."""
+        model = MODELS_BY_ROUTING_KEY[routing_key]
+        await self.publish(
+            routing_key,
+            [model.model_validate_json(body) for body in bodies],
+            expiration=expiration,
+            mandatory=mandatory,
+        )
 
     def on(self, routing_key: str) -> list[BaseModel]:
         return [m for key, m, _ in self.published if key == routing_key]
