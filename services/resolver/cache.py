@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from services.resolver.geo import Geo
+from shared.messages import Resolution
 
 _MAX_INTERNED = 65_536
 
 
-@dataclass(frozen=True, slots=True)
-class DirtyEntry:
+class DirtyEntry(NamedTuple):  # a tuple: a flush builds one per row, so creation must be cheap
     ip: str
     geo: Geo
     resolved_at: float
@@ -35,6 +35,7 @@ class GeoCache:
         self._in_flight: set[str] = set()
         self._negative_until: dict[str, float] = {}
         self._interned: dict[Geo, Geo] = {}
+        self._interned_ids: dict[int, Geo] = {}  # id -> the interned object, kept alive
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -77,17 +78,29 @@ class GeoCache:
 
     def put(self, ip: str, geo: Geo, now: float) -> None:
         """Store an answer and mark it dirty; a retryable failure starts its negative TTL."""
-        if len(self._interned) >= _MAX_INTERNED:  # many distinct ASN/org answers: start over
-            self._interned.clear()
-        geo = self._interned.setdefault(geo, geo)
-        self._entries[ip] = geo
-        self._entries.move_to_end(ip)
-        self._dirty[ip] = now
-        if geo.retryable:
-            self._negative_until[ip] = now + self.negative_ttl
-        else:
-            self._negative_until.pop(ip, None)
-        self._evict()
+        self.put_many(((ip, geo),), now)
+
+    def put_many(self, answers: Iterable[tuple[str, Geo]], now: float) -> None:
+        """``put`` for a batch of answers (one delivery's worth), with the lookups hoisted."""
+        entries, dirty, negative = self._entries, self._dirty, self._negative_until
+        interned, interned_ids = self._interned, self._interned_ids
+        until = now + self.negative_ttl
+        for ip, geo in answers:
+            if id(geo) not in interned_ids:  # providers mostly hand out shared objects already
+                if len(interned) >= _MAX_INTERNED:  # many distinct ASN/org answers: start over
+                    interned.clear()
+                    interned_ids.clear()
+                geo = interned.setdefault(geo, geo)
+                interned_ids[id(geo)] = geo
+            entries[ip] = geo
+            entries.move_to_end(ip)
+            dirty[ip] = now
+            if geo.resolution is Resolution.FAILED:
+                negative[ip] = until
+            elif negative:
+                negative.pop(ip, None)
+        if len(entries) > self.max_entries:
+            self._evict()
 
     def is_unpersisted(self, ip: str) -> bool:
         """Whether the answer for ``ip`` has not yet been confirmed by the broker downstream."""

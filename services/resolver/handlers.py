@@ -104,11 +104,9 @@ async def _resolve(ips: Sequence[str], deps: ResolverDeps) -> None:
         except Exception as exc:  # a provider failure is a negative, never a lost IP
             deps.log.warning("geo_lookup_failed", ips=len(routable), error=repr(exc))
     now = deps.clock()
-    for ip in routable:
-        deps.cache.put(ip, answers.get(ip, FAILED), now)
+    deps.cache.put_many(((ip, answers.get(ip, FAILED)) for ip in routable), now)
     if len(routable) < len(ips):
-        for ip in set(ips).difference(routable):
-            deps.cache.put(ip, NOT_GLOBAL, now)
+        deps.cache.put_many(((ip, NOT_GLOBAL) for ip in set(ips).difference(routable)), now)
 
 
 async def _hold_or_ack(ips: Sequence[str], ticket: Ticket, deps: ResolverDeps) -> None:
