@@ -20,6 +20,7 @@ from services.resolver.cache import GeoCache
 from services.resolver.handlers import (
     ResolverDeps,
     flush,
+    flush_watchdog,
     on_flush_dirty,
     on_ip_seen,
     on_retry_unresolved,
@@ -34,6 +35,9 @@ from shared.messages import FlushDirty, IpSeen, RetryUnresolved
 from shared.metrics import MetricsRegistry, serve_metrics
 from shared.ports import Acker, Publisher
 from shared.settings import Settings
+
+# With no geo.flush for this many flush intervals, the resolver flushes by itself.
+WATCHDOG_INTERVALS = 3
 
 
 def build_lookup(settings: Settings) -> GeoLookup:
@@ -129,7 +133,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             if metrics is not None:
                 resources.push_async_callback(metrics.stop)
             log.info("resolver_ready", provider=lookup.name, prefetch=settings.prefetch)
-            await stop.wait()
+            await flush_watchdog(deps, WATCHDOG_INTERVALS * settings.flush_interval, stop)
         finally:
             await amqp.stop_consuming(settings.drain_timeout)
             if deps.state.background:

@@ -157,6 +157,30 @@ def _over_limits(deps: ResolverDeps) -> bool:
     return len(deps.state.held) >= deps.hold_limit or deps.cache.dirty_count >= deps.flush_max_dirty
 
 
+async def flush_watchdog(deps: ResolverDeps, period: float, stop: asyncio.Event) -> None:
+    """Flush on our own when no flush ran for ``period`` while deliveries wait.
+
+    The timer normally drives flushes; without it (not started, or down) held deliveries would
+    wait until the broker's consumer timeout (30 min by default) closes the channel.
+    """
+    last = deps.state.flushes
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=period)
+            return
+        except TimeoutError:
+            pass
+        if deps.state.flushes == last and (deps.state.held or deps.cache.dirty_count):
+            deps.log.warning(
+                "geo_flush_watchdog_fired",
+                held=len(deps.state.held),
+                dirty=deps.cache.dirty_count,
+                period_s=period,
+            )
+            await _flush_logged(deps, "watchdog")
+        last = deps.state.flushes
+
+
 async def flush(deps: ResolverDeps, *, trigger: str) -> int:
     """Publish every dirty entry as confirmed ``geo.upsert`` batches, then ack held deliveries.
 

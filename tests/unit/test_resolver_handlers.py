@@ -16,6 +16,7 @@ from services.resolver.geo import FAILED, NOT_GLOBAL, Geo
 from services.resolver.handlers import (
     ResolverDeps,
     flush,
+    flush_watchdog,
     on_flush_dirty,
     on_ip_seen,
     on_retry_unresolved,
@@ -407,3 +408,23 @@ async def test_a_full_dirty_set_makes_new_deliveries_wait_for_the_flush() -> Non
     assert flushed == ["8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1"]
     assert r.deps.cache.dirty_count == 1  # 9.9.9.9, admitted once there was room
     assert [t.name for t in r.acker.acked] == ["a", "b"]  # type: ignore[attr-defined]
+
+
+async def test_watchdog_flushes_when_no_flush_came_and_deliveries_wait() -> None:
+    r = make_resolver()
+    stop = asyncio.Event()
+    watchdog = asyncio.create_task(flush_watchdog(r.deps, 0.05, stop))
+    await r.seen("8.8.8.8", ticket="held")
+    assert r.acker.acked == []
+
+    for _ in range(500):  # poll with a deadline (5 s)
+        if r.batches():
+            break
+        await asyncio.sleep(0.01)
+    assert r.batches(), "the watchdog never flushed"
+    assert [t.name for t in r.acker.acked] == ["held"]  # type: ignore[attr-defined]
+    published = len(r.publisher.published)
+    await asyncio.sleep(0.2)  # nothing waits now: the watchdog stays quiet
+    assert len(r.publisher.published) == published
+    stop.set()
+    await asyncio.wait_for(watchdog, timeout=1)
