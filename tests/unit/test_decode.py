@@ -79,7 +79,9 @@ def test_many_errors_are_summarized() -> None:
 
 def test_another_model_names_nested_fields() -> None:
     body = {"batch_id": "b", "rows": [{"ip": "8.8.8.8", "resolution": "resolved"}]}
-    with pytest.raises(Rejected, match=r"rows\.0\.cached_at: Missing required argument"):
+    with pytest.raises(
+        Rejected, match=r"rows\.0\.cached_at: (Field required|Missing required argument)"
+    ):
         decode(GeoUpsertBatch, json.dumps(body).encode(), LIMIT)
 
 
