@@ -23,6 +23,7 @@ from services.persistence.repository import (
     SCHEMA,
     UNRESOLVED_INDEX,
     UPSERT,
+    WAL_AUTOCHECKPOINT_PAGES,
     Params,
     SqliteGeoRepository,
     to_params,
@@ -58,6 +59,7 @@ def bare_round(path: Path, batches: list[list[Params]]) -> float:
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")  # same as the project
         db.execute(SCHEMA)
         db.execute(UNRESOLVED_INDEX)
         db.commit()

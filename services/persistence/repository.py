@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS geo_cache (
     provider     TEXT
 )
 """
+WAL_AUTOCHECKPOINT_PAGES = 16_384
+
 # Columns added to a table created by the original BanGUI (ip .. cached_at only).
 ADDED_COLUMNS = {"resolution": "TEXT", "provider": "TEXT"}
 UNRESOLVED_INDEX = (
@@ -105,6 +107,9 @@ class SqliteGeoRepository:
             await connection.execute("PRAGMA journal_mode=WAL")
             await connection.execute("PRAGMA synchronous=FULL")
             await connection.execute("PRAGMA busy_timeout=5000")
+            # Checkpoint the WAL every ~64 MiB instead of ~4 MiB: with one fsync'd commit per
+            # 1000 rows, the default checkpoints cost a third of persistence's time (bench/).
+            await connection.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             await ensure_schema(connection)
         except BaseException:
             await connection.close()
