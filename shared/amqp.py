@@ -1,9 +1,10 @@
 """All AMQP plumbing, and the only module that imports aio_pika.
 
-It connects (robustly, with bounded retries), declares the topology, publishes models with
-publisher confirms, and consumes queues: it decodes each body into its model at the edge, sends
-what can never succeed to ``geo.dead_letter`` with the reason in a header, requeues transient
-failures after a back-off, and acks only after the handler's effect is durable.
+It connects (robustly, with bounded retries, to one broker or in turn to the nodes of a cluster),
+declares the topology, publishes models with publisher confirms, and consumes queues: it decodes
+each body into its model at the edge, sends what can never succeed to ``geo.dead_letter`` with
+the reason in a header, requeues transient failures after a back-off, and acks only after the
+handler's effect is durable.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     ExchangeType,
 )
+from aio_pika.connection import make_url
 from aio_pika.exceptions import (
     AMQPConnectionError,
     AMQPError,
@@ -45,7 +47,7 @@ from shared.decode import decode
 from shared.errors import Rejected, Transient
 from shared.metrics import MetricsRegistry
 from shared.ports import Ticket
-from shared.settings import Settings
+from shared.settings import Settings, split_amqp_urls
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -57,32 +59,71 @@ TRANSIENT_BACKOFF = 1.0
 
 
 async def connect(url: str, *, attempts: int = CONNECT_ATTEMPTS) -> AbstractRobustConnection:
-    """Connect with a bounded number of retries, so any start order of broker and services works."""
+    """Connect with a bounded number of retries, so any start order of broker and services works.
+
+    ``url`` may list several nodes of one cluster, comma-separated (``GEO_AMQP_URL``): each
+    attempt tries them in order, and the connection then fails over to the next node in turn
+    whenever it loses its own (``_Failover``). A single URL behaves as it always did.
+    """
+    urls = split_amqp_urls(url)
     delay = 0.2
     for attempt in range(1, attempts + 1):
-        try:
-            connection = await aio_pika.connect_robust(url, timeout=10)
-        except (TimeoutError, AMQPConnectionError, OSError) as exc:
-            if attempt == attempts:
-                raise
-            log.warning(
-                "amqp_connect_failed",
-                attempt=attempt,
-                retry_in_s=delay,
-                error=str(exc) or repr(exc),
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, CONNECT_DELAY_MAX)
-            continue
-        connection.reconnect_callbacks.add(_log_reconnect)
-        connection.close_callbacks.add(_log_lost)
-        log.info("amqp_connected", attempt=attempt)
-        return connection
+        errors: list[str] = []
+        for index, candidate in enumerate(urls):
+            try:
+                connection = await aio_pika.connect_robust(candidate, timeout=10)
+            except (TimeoutError, AMQPConnectionError, OSError) as exc:
+                if attempt == attempts and index == len(urls) - 1:
+                    raise
+                error = str(exc) or repr(exc)
+                errors.append(error if len(urls) == 1 else f"{_endpoint(candidate)}: {error}")
+                continue
+            connection.reconnect_callbacks.add(_log_reconnect)
+            connection.close_callbacks.add(_log_lost)
+            if len(urls) > 1:
+                connection.close_callbacks.add(_Failover(urls, index))
+            log.info("amqp_connected", attempt=attempt, broker=_endpoint(candidate))
+            return connection
+        log.warning(
+            "amqp_connect_failed", attempt=attempt, retry_in_s=delay, error="; ".join(errors)
+        )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, CONNECT_DELAY_MAX)
     raise AssertionError("unreachable")
 
 
-def _log_reconnect(_connection: Any) -> None:
-    log.warning("amqp_connection_restored")
+@dataclass(eq=False)  # hashed by identity: aio-pika keeps callbacks in a set
+class _Failover:
+    """Points a robust connection at the next node of its list each time its node is lost or
+    refuses a reconnect attempt, round robin: any node of a cluster serves every queue.
+
+    aio-pika's robust connection reconnects to its one URL (``connection.url``, read at each
+    attempt); it calls the close callbacks on every loss and on every failed attempt, before it
+    schedules the next attempt. Channels, queues, bindings and consumers are then restored on
+    the new node as after any reconnect.
+    """
+
+    urls: tuple[str, ...]
+    index: int
+
+    def __call__(self, connection: Any, _exc: BaseException | None = None) -> None:
+        if not isinstance(connection, aio_pika.RobustConnection) or connection.close_called:
+            return  # closed on purpose: nothing to fail over to
+        self.index = (self.index + 1) % len(self.urls)
+        connection.url = make_url(self.urls[self.index])
+        log.warning("amqp_broker_switched", broker=_endpoint(self.urls[self.index]))
+
+
+def _endpoint(url: str) -> str:
+    """host:port/vhost of a broker URL, for logs: no user, no password."""
+    parts = urlsplit(url)
+    default = 5671 if parts.scheme == "amqps" else 5672
+    return f"{parts.hostname or 'localhost'}:{parts.port or default}{parts.path or '/'}"
+
+
+def _log_reconnect(connection: Any) -> None:
+    url = getattr(connection, "url", None)
+    log.warning("amqp_connection_restored", broker=_endpoint(str(url)) if url else None)
 
 
 def _log_lost(_connection: Any, exc: BaseException | None = None) -> None:
@@ -523,14 +564,23 @@ def _why(exc: BaseException, timeout: float) -> str:
 async def connect_once(url: str, *, connect_timeout: float) -> AbstractRobustConnection:
     """Connect with a single attempt (no retry loop: a tool should fail fast and say why).
 
-    The connection is robust, so a long-lived client recovers from a broker restart later.
+    ``url`` may list several nodes of a cluster, comma-separated: each gets one attempt, in
+    order. The connection is robust, so a long-lived client recovers from a broker restart
+    later (failing over to the next node, given a list).
     """
-    try:
-        return await aio_pika.connect_robust(url, timeout=connect_timeout)
-    except (TimeoutError, AMQPError, OSError) as exc:
-        raise BrokerUnreachable(
-            f"cannot connect to the broker at {redacted(url)}: {_why(exc, connect_timeout)}"
-        ) from None
+    urls = split_amqp_urls(url)
+    reasons: list[str] = []
+    for index, candidate in enumerate(urls):
+        try:
+            connection = await aio_pika.connect_robust(candidate, timeout=connect_timeout)
+        except (TimeoutError, AMQPError, OSError) as exc:
+            why = _why(exc, connect_timeout)
+            reasons.append(f"cannot connect to the broker at {redacted(candidate)}: {why}")
+            continue
+        if len(urls) > 1:
+            connection.close_callbacks.add(_Failover(urls, index))
+        return connection
+    raise BrokerUnreachable("; ".join(reasons))
 
 
 class ExchangePublisher:

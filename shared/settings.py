@@ -7,6 +7,7 @@ bad value into one line that names the variable, so a misconfigured service stop
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KNOWN_PROVIDERS = frozenset({"embedded", "ip-api", "mmdb"})
+# A comma separates two broker URLs only where the next one begins (a scheme and ://), so a comma
+# inside a password, which a URL allows unencoded, keeps a single URL whole.
+_NEXT_URL = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_amqp_urls(value: str) -> tuple[str, ...]:
+    """The broker URLs of ``GEO_AMQP_URL``: one, or several nodes of a cluster, comma-separated."""
+    return tuple(part.strip() for part in _NEXT_URL.split(value))
 
 
 class SettingsError(Exception):
@@ -25,7 +34,8 @@ class Settings(BaseSettings):
 
     amqp_url: str = Field(
         default="amqp://guest:guest@localhost:5672/",
-        description="Broker URL; the vhost comes from its path.",
+        description="Broker URL, or a comma-separated list of cluster nodes' URLs tried in turn; "
+        "the vhost comes from its path.",
     )
     db_path: Path = Field(
         default=Path("data/geo_cache.sqlite3"),
@@ -85,8 +95,12 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://")):
+        urls = split_amqp_urls(value)
+        bad = [url for url in urls if not url.startswith(("amqp://", "amqps://"))]
+        if len(urls) == 1 and bad:
             raise ValueError("must start with amqp:// or amqps://")
+        if bad:
+            raise ValueError("each URL of the list must start with amqp:// or amqps://")
         return value
 
     @field_validator("provider")
@@ -120,6 +134,10 @@ class Settings(BaseSettings):
         if self.mmdb_path is None:
             raise ValueError("GEO_MMDB_PATH is required when GEO_PROVIDER includes mmdb")
         return self
+
+    @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        return split_amqp_urls(self.amqp_url)
 
     @property
     def provider_chain(self) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ import urllib.request
 import uuid
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 
@@ -127,3 +128,12 @@ def start_broker(env_url: str | None, management_url: str | None, stack: ExitSta
     amqp_port = running.get_exposed_port(5672)
     mgmt_port = running.get_exposed_port(15672)
     return _from_url(f"amqp://guest:guest@{host}:{amqp_port}/", f"http://{host}:{mgmt_port}")
+
+
+def management_json(admin: BrokerAdmin, path: str) -> Any:
+    """GET ``path`` of the management API (e.g. ``/api/queues/<vhost>/<queue>``), decoded."""
+    request = urllib.request.Request(admin.management_url + path)
+    token = base64.b64encode(f"{admin.user}:{admin.password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())

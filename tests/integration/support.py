@@ -15,8 +15,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote, unquote, urlsplit
 
 import aio_pika
+
+from tests.broker import BrokerAdmin, management_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -208,3 +211,51 @@ async def ready_count(amqp_url: str, queue_name: str) -> int:
         return int(queue.declaration_result.message_count or 0)
     finally:
         await connection.close()
+
+
+def vhost_of(amqp_url: str) -> str:
+    """The vhost an AMQP URL names (its path, percent-decoded; ``/`` when there is none)."""
+    path = urlsplit(amqp_url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+async def queue_details(admin: BrokerAdmin, amqp_url: str, queue: str) -> dict[str, Any]:
+    """The management API's view of one queue of ``amqp_url``'s vhost: ``consumers``,
+    ``consumer_details``, ``single_active_consumer_tag``, ``type``, ``arguments``, …"""
+    path = f"/api/queues/{quote(vhost_of(amqp_url), safe='')}/{quote(queue, safe='')}"
+    details = await asyncio.to_thread(management_json, admin, path)
+    assert isinstance(details, dict), details
+    return details
+
+
+async def vhost_queues(admin: BrokerAdmin, amqp_url: str) -> list[dict[str, Any]]:
+    """Every queue of ``amqp_url``'s vhost, as the management API lists them."""
+    path = f"/api/queues/{quote(vhost_of(amqp_url), safe='')}"
+    queues = await asyncio.to_thread(management_json, admin, path)
+    assert isinstance(queues, list), queues
+    return queues
+
+
+def events(process: ServiceProcess, name: str) -> list[dict[str, Any]]:
+    """The log events called ``name`` a service has written so far."""
+    return [e for e in process.log_events() if e.get("event") == name]
+
+
+def local_tcp_ports(pid: int) -> set[int]:
+    """The local ports of the TCP sockets process ``pid`` holds (Linux /proc): which process is
+    behind a connection the broker reports by its ``peer_port``."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import Settings, SettingsError, load_settings
+from shared.settings import Settings, SettingsError, load_settings, split_amqp_urls
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +56,7 @@ def test_variables_are_read_with_the_geo_prefix(monkeypatch: pytest.MonkeyPatch)
         ("GEO_FLUSH_INTERVAL", "0", "greater than 0"),
         ("GEO_RE_RESOLVE_INTERVAL", "-5", "greater than 0"),
         ("GEO_AMQP_URL", "http://localhost:5672/", "must start with amqp://"),
+        ("GEO_AMQP_URL", "amqp://a:5672/,http://b:5672/", "each URL of the list must start"),
         ("GEO_PROVIDER", "maxmind", "unknown provider maxmind"),
         ("GEO_PROVIDER", "embedded,,ip-api", "unknown provider"),
         ("GEO_PREFETCH", "1", "greater than or equal to 2"),
@@ -120,3 +121,27 @@ def test_secret_files_supply_settings_and_the_environment_wins(
     assert load_settings().amqp_url == "amqp://geo-resolver:s3cret@broker:5672/bangui"
     monkeypatch.setenv("GEO_AMQP_URL", "amqp://from-env:5672/")
     assert load_settings().amqp_url == "amqp://from-env:5672/"
+
+
+def test_amqp_url_may_list_cluster_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().amqp_urls == ("amqp://guest:guest@localhost:5672/",)
+    nodes = "amqp://u:p@rabbit-a:5672/bangui, amqp://u:p@rabbit-b:5672/bangui,amqps://c/bangui"
+    monkeypatch.setenv("GEO_AMQP_URL", nodes)
+    settings = load_settings()
+    assert settings.amqp_url == nodes  # as given: the variable keeps its value
+    assert settings.amqp_urls == (
+        "amqp://u:p@rabbit-a:5672/bangui",
+        "amqp://u:p@rabbit-b:5672/bangui",
+        "amqps://c/bangui",
+    )
+
+
+def test_a_comma_inside_a_single_url_does_not_split_it() -> None:
+    # RFC 3986 allows a comma unencoded in the password: only ",<scheme>://" starts a new URL.
+    assert split_amqp_urls("amqp://geo:pa,ss@rabbit:5672/bangui") == (
+        "amqp://geo:pa,ss@rabbit:5672/bangui",
+    )
+    assert split_amqp_urls("amqp://geo:a,b@x/v,amqp://geo:c,d@y/v") == (
+        "amqp://geo:a,b@x/v",
+        "amqp://geo:c,d@y/v",
+    )

@@ -1,0 +1,302 @@
+"""A three-node RabbitMQ cluster on this machine, quorum queues, and the services connected to
+the list of the nodes' URLs: stopping the node they are connected to loses nothing, and they
+carry on through the other two. Tools given such a list try each URL once.
+
+The nodes are extra RabbitMQ nodes of the installed broker (``geo-a``, ``geo-b``, ``geo-c`` on
+AMQP ports 5681-5683), with their data, logs, config and Erlang cookie in a temporary directory.
+The system broker on 5672 is never touched: its cookie differs from the test nodes' cookie, so
+the test's ``rabbitmqctl`` calls cannot reach it even by mistake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.amqp import BrokerUnreachable, connect_once
+from tests.integration.support import (
+    ServiceProcess,
+    async_poll,
+    drain_queue,
+    events,
+    publish,
+    read_rows,
+    service_env,
+    wait_for_topology,
+)
+from tests.integration.test_faults import distinct_public_ips
+from tests.integration.test_pipeline import expected_row
+from tests.integration.test_scale_out import logged
+
+pytestmark = pytest.mark.integration
+
+# Debian/Ubuntu put the real scripts here; the /usr/sbin ones re-run them as the rabbitmq user
+# (and its cookie), which these private nodes must not share.
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+COOKIE = "BANGUIGEOCLUSTERTESTCOOKIE"
+NODES = (("geo-a", 5681), ("geo-b", 5682), ("geo-c", 5683))
+DURABLE = (
+    "geo.resolver.ip_seen",
+    "geo.resolver.retry",
+    "geo.persistence.upsert",
+    "geo.persistence.re_resolve",
+    "geo.dead_letter",
+)
+
+
+def rabbitmq_tool(name: str) -> str:
+    direct = RABBITMQ_BIN / name
+    if direct.exists():
+        return str(direct)
+    found = shutil.which(name)
+    assert found, (
+        f"the cluster test starts RabbitMQ nodes of its own and needs {name} on this machine "
+        "(the rabbitmq-server package)"
+    )
+    return found
+
+
+@dataclass
+class Node:
+    name: str
+    port: int
+    home: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def nodename(self) -> str:
+        return f"{self.name}@localhost"
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def endpoint(self) -> str:
+        """How the services' logs name this node (``shared.amqp._endpoint``)."""
+        return f"127.0.0.1:{self.port}/"
+
+    def env(self) -> dict[str, str]:
+        base = self.home
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        env.update(
+            HOME=str(base),  # the Erlang cookie of these nodes and of the CLI talking to them
+            RABBITMQ_NODENAME=self.nodename,
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.port + 20_000),
+            RABBITMQ_MNESIA_BASE=str(base / "mnesia"),
+            RABBITMQ_LOG_BASE=str(base / "log"),
+            RABBITMQ_CONFIG_FILE=str(base / f"{self.name}.conf"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(base / "advanced.config"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(base / "enabled_plugins"),  # none: no management
+            RABBITMQ_CONF_ENV_FILE=str(base / "rabbitmq-env.conf"),  # not /etc/rabbitmq's
+            RABBITMQ_PID_FILE=str(base / f"{self.name}.pid"),
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+        )
+        return env
+
+    def ctl(self, *args: str, timeout: float = 60) -> str:
+        command = [rabbitmq_tool("rabbitmqctl"), "-n", self.nodename, *args]
+        result = subprocess.run(
+            command, env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
+        )
+        assert result.returncode == 0, f"{' '.join(command[1:])}: {result.stderr or result.stdout}"
+        return result.stdout
+
+    def start(self) -> None:
+        (self.home / f"{self.name}.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{self.port}\n")
+        log = (self.home / f"{self.name}.out").open("ab")
+        self.process = subprocess.Popen(
+            [rabbitmq_tool("rabbitmq-server")],
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, killed as one if it hangs
+        )
+        log.close()
+
+    def wait_started(self) -> None:
+        self.ctl("wait", str(self.home / f"{self.name}.pid"), "--timeout", "60", timeout=70)
+
+    def stop(self) -> None:
+        """Halt the node, or kill what is left of it: only this node's own processes."""
+        if self.process is None:
+            return
+        with suppress(AssertionError, subprocess.TimeoutExpired):
+            self.ctl("stop", timeout=30)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=15)
+        for pid, cmdline in _processes():
+            if "beam" in cmdline and f"{self.nodename} " in cmdline + " ":
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _processes() -> Iterator[tuple[int, str]]:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError):
+                raw = (entry / "cmdline").read_bytes()
+                yield int(entry.name), raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+@dataclass
+class LocalCluster:
+    home: Path
+    nodes: list[Node] = field(default_factory=list)
+
+    def start(self) -> None:
+        cookie = self.home / ".erlang.cookie"
+        cookie.write_text(COOKIE)
+        cookie.chmod(0o400)
+        (self.home / "enabled_plugins").write_text("[].\n")
+        (self.home / "rabbitmq-env.conf").write_text("")
+        self.nodes = [Node(name, port, self.home) for name, port in NODES]
+        for node in self.nodes:
+            in_use = [n for _, n in _processes() if f"{node.nodename} " in n + " "]
+            assert not in_use, f"{node.nodename} already runs (a previous run left it?)"
+            node.start()
+        for node in self.nodes:
+            node.wait_started()
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            node.ctl("stop_app")
+            node.ctl("join_cluster", first.nodename)
+            node.ctl("start_app")
+        status = json.loads(first.ctl("cluster_status", "--formatter", "json"))
+        assert sorted(status["running_nodes"]) == sorted(n.nodename for n in self.nodes)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+
+    def node_at(self, endpoint: str) -> Node:
+        (node,) = [n for n in self.nodes if n.endpoint == endpoint]
+        return node
+
+    def queues(self, via: Node) -> dict[str, dict[str, Any]]:
+        listed = via.ctl("list_queues", "name", "type", "leader", "members", "--formatter", "json")
+        return {q["name"]: q for q in json.loads(listed)}
+
+
+async def paced_publish(url: str, bodies: list[Any], chunk: int = 100) -> None:
+    """Publish in confirmed chunks with a pause between them: a stream lasting a few seconds."""
+    for start in range(0, len(bodies), chunk):
+        await publish(url, "ip.seen", bodies[start : start + chunk])
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    group = LocalCluster(tmp_path_factory.mktemp("rabbit"))
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()
+
+
+async def test_stopping_the_node_the_services_use_loses_nothing(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    a, b, c = cluster.nodes
+    urls = ",".join(node.url for node in cluster.nodes)  # the same list for every service
+    db_path = tmp_path / "geo_cache.sqlite3"
+    env = service_env(urls, db_path, GEO_QUEUE_TYPE="quorum", GEO_FLUSH_INTERVAL="0.5")
+    services = {
+        name: ServiceProcess(name, env, tmp_path / f"{name}.log").start()
+        for name in ("persistence", "resolver", "timer")
+    }
+    try:
+        await wait_for_topology(b.url)
+        await logged(services["persistence"], "persistence_ready", "persistence ready", 20)
+        await logged(services["resolver"], "resolver_ready", "resolver ready", 20)
+        await logged(services["timer"], "timer_leading", "timer leading", 20)
+        queues = await asyncio.to_thread(cluster.queues, via=b)
+        for name in DURABLE:
+            assert queues[name]["type"] == "quorum", name
+            assert sorted(queues[name]["members"]) == sorted(n.nodename for n in cluster.nodes)
+        resolver = services["resolver"]
+        (connected,) = events(resolver, "amqp_connected")
+        doomed = cluster.node_at(connected["broker"])
+        assert doomed is a, "the list is tried in order: the first node answers"
+
+        ips = distinct_public_ips(10_000)
+        first, second = ips[:7_000], ips[7_000:]
+        bodies: list[Any] = [{"ip": ip} for ip in first[:5_000]]
+        bodies += [{"ips": first[i : i + 500]} for i in range(5_000, len(first), 500)]
+        publisher = asyncio.create_task(paced_publish(c.url, bodies))
+        await async_poll(
+            lambda: len(read_rows(db_path)) >= 1_000, deadline_s=20, what="first rows written"
+        )
+        await asyncio.to_thread(doomed.ctl, "stop_app")
+        assert not publisher.done(), "the stream ended before the node was stopped"
+        await publisher  # its node stays up; its confirms wait for the queues' new leaders
+        # A service started now tries the list in order and connects to the next node.
+        standby = ServiceProcess("persistence", env, tmp_path / "persistence-2.log").start()
+        services["persistence-2"] = standby
+        await logged(standby, "persistence_ready", "a second persistence ready", 20)
+        assert events(standby, "amqp_connected")[0]["broker"] == b.endpoint
+        # Everything published before, during and after the stop ends up in geo_cache.
+        more = [{"ips": second[i : i + 250]} for i in range(0, len(second), 250)]
+        await publish(b.url, "ip.seen", more)
+        expected = {ip: expected_row(ip) for ip in ips}
+
+        def complete() -> bool:
+            rows = read_rows(db_path)
+            return {ip: (r[0], r[1], r[5]) for ip, r in rows.items()} == expected
+
+        await async_poll(complete, deadline_s=45, interval=0.5, what="all 10,000 rows")
+
+        for name in ("persistence", "resolver", "timer"):
+            process = services[name]
+            assert process.running, f"{name} died with the node"
+            restored = events(process, "amqp_connection_restored")
+            assert restored, f"{name} did not reconnect"
+            assert restored[-1]["broker"] in (b.endpoint, c.endpoint), restored[-1]
+        timer_log = [e["event"] for e in services["timer"].log_events()]
+        last_restore = len(timer_log) - timer_log[::-1].index("amqp_connection_restored")
+        assert "timer_tick_published" in timer_log[last_restore:], "the timer fell silent"
+        assert not events(standby, "geo_upserts_applied"), "the standby wrote beside the writer"
+        assert await drain_queue(b.url, "geo.dead_letter") == []
+        after = await asyncio.to_thread(cluster.queues, via=b)
+        for name in DURABLE:
+            assert not after[name]["leader"].startswith(f"{a.name}@"), (name, after[name])
+        for name, process in services.items():
+            assert process.stop() == 0, name
+        assert time.monotonic() - started < 90
+    finally:
+        for process in services.values():
+            if process.running:
+                process.kill()
+
+
+async def test_a_tool_tries_each_url_of_the_list_once(amqp_url: str) -> None:
+    # The CLI and shared.client connect once per URL, in order, and say why each one failed.
+    dead = "amqp://guest:s3cret@127.0.0.1:1/"
+    connection = await connect_once(f"{dead},{amqp_url}", connect_timeout=5)
+    await connection.close()
+    with pytest.raises(BrokerUnreachable) as info:
+        await connect_once(f"{dead},amqp://guest:s3cret@127.0.0.1:2/", connect_timeout=5)
+    message = str(info.value)
+    assert "127.0.0.1:1/" in message
+    assert "127.0.0.1:2/" in message
+    assert "s3cret" not in message
