@@ -40,6 +40,11 @@ DEFINITIONS = REPO / "deploy" / "rabbitmq" / "definitions.json"
 RABBITMQ_CONF = REPO / "deploy" / "rabbitmq" / "rabbitmq.conf"
 HASH_SCRIPT = REPO / "deploy" / "rabbitmq" / "hash_password.py"
 COMPOSE_SCHEMA = REPO / "tests" / "data" / "compose-spec.json"
+CLUSTER = REPO / "deploy" / "rabbitmq" / "cluster"
+CLUSTER_CONF = CLUSTER / "rabbitmq.conf"
+CLUSTER_DEFINITIONS = CLUSTER / "definitions.json"
+CLUSTER_ENV = CLUSTER / "cluster.env"
+CLUSTER_NODES = ("rabbitmq-a", "rabbitmq-b", "rabbitmq-c")  # the `cluster` profile
 
 APP_SERVICES = ("resolver", "timer", "persistence")
 VHOST = "bangui"
@@ -52,11 +57,14 @@ DEV_PASSWORDS = {user: f"dev-only-{user}" for user in [*SERVICE_USERS.values(), 
 
 # --- loading the files ------------------------------------------------------------------------
 
-_VARIABLE = re.compile(r"\$(?:\$|\{(?P<braced>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+# The innermost braced expression: nested ones (${A:-${B}}) are resolved from the inside out.
+_VARIABLE = re.compile(r"\$(?:\$|\{(?P<braced>[^{}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+_ESCAPED_DOLLAR = "\0"
 
 
 def interpolate(text: str, env: Mapping[str, str]) -> str:
-    """Compose's variable interpolation: ${V}, ${V:-default}, ${V-default}, ${V:?err}, $$."""
+    """Compose's variable interpolation: ${V}, ${V:-default}, ${V-default}, ${V:?err}, $$, and
+    nested expressions such as ${V:-${W:-default}}."""
 
     def substitute(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
@@ -66,6 +74,8 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
         assert parts is not None, f"bad interpolation: {match.group(0)}"
         name, operator, argument = parts.groups()
         value = env.get(name)
+        if value is not None:  # a value is used as it is, never interpolated again
+            value = value.replace("$", _ESCAPED_DOLLAR)
         if operator in (":-", "-"):
             unset = value is None or (operator == ":-" and value == "")
             return argument if unset else str(value)
@@ -77,7 +87,10 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
             return argument if value else ""
         return value or ""
 
-    return _VARIABLE.sub(substitute, text)
+    text = text.replace("$$", _ESCAPED_DOLLAR)  # a literal $ is never an expression
+    while (resolved := _VARIABLE.sub(substitute, text)) != text:
+        text = resolved
+    return text.replace(_ESCAPED_DOLLAR, "$")
 
 
 def interpolated(node: Any, env: Mapping[str, str]) -> Any:
@@ -221,7 +234,9 @@ def test_every_service_command_is_a_module_of_the_contract(
     compose: dict[str, Any], dockerfile: Dockerfile
 ) -> None:
     services = compose["services"]
-    assert set(services) == {"rabbitmq", *APP_SERVICES}
+    assert set(services) == {"rabbitmq", *APP_SERVICES, *CLUSTER_NODES}
+    always = {name for name, service in services.items() if not service.get("profiles")}
+    assert always == {"rabbitmq", *APP_SERVICES}  # `docker compose up` starts what it did
     for name in APP_SERVICES:
         module = command_module(services[name]["command"])
         assert module == f"services.{name}", f"{name} runs {module}"
@@ -686,3 +701,108 @@ def test_only_marked_development_passwords_are_in_the_repository(
     defaults = re.findall(r"_PASSWORD:-([^}]*)\}", " ".join(_walk(raw_compose)))
     assert sorted(defaults) == sorted(DEV_PASSWORDS[u] for u in SERVICE_USERS.values())
     assert all(d.startswith("dev-only-") for d in defaults)
+
+
+# --- the cluster profile ------------------------------------------------------------------------
+
+
+def read_conf(path: Path) -> dict[str, str]:
+    """A rabbitmq.conf (sysctl format) as key -> value."""
+    return {
+        key.strip(): value.strip()
+        for key, _, value in (
+            line.partition("=")
+            for line in path.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        )
+    }
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """A compose env file: KEY=VALUE lines, double-quoted values interpolated."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = value[1:-1]
+        values[key.strip()] = interpolate(value, values)
+    return values
+
+
+def test_cluster_profile_adds_three_nodes_that_form_one_cluster(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    nodes = {name: services[name] for name in CLUSTER_NODES}
+    assert all(node["profiles"] == ["cluster"] for node in nodes.values())
+    conf = read_conf(CLUSTER_CONF)
+    assert conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+    listed = [v for k, v in conf.items() if k.startswith("cluster_formation.classic_config.nodes.")]
+    assert sorted(listed) == sorted(f"rabbit@{node['hostname']}" for node in nodes.values())
+    assert conf["quorum_queue.continuous_membership_reconciliation.target_group_size"] == "3"
+    cookies = {environment_of(node)["RABBITMQ_ERLANG_COOKIE"] for node in nodes.values()}
+    assert len(cookies) == 1, "the nodes need one Erlang cookie"
+    assert next(iter(cookies)).startswith("dev-only-")
+    base = read_conf(RABBITMQ_CONF)
+    data_volumes = set()
+    host_ports = {str(p).rsplit(":", 2)[-2] for p in services["rabbitmq"]["ports"]}
+    for name, node in nodes.items():
+        assert node["image"] == services["rabbitmq"]["image"], name
+        mounts = {target: source for source, target, *_ in (v.split(":") for v in node["volumes"])}
+        conf_d = {t: (REPO / s).resolve() for t, s in mounts.items() if t.endswith(".conf")}
+        assert conf_d == {
+            "/etc/rabbitmq/conf.d/90-bangui.conf": RABBITMQ_CONF,
+            "/etc/rabbitmq/conf.d/91-cluster.conf": CLUSTER_CONF,  # read after 90-bangui.conf
+        }, name
+        assert (REPO / mounts[base["load_definitions"]]).resolve() == CLUSTER_DEFINITIONS
+        data = mounts["/var/lib/rabbitmq"]
+        assert data in compose["volumes"], f"{name}: its data is not on a named volume"
+        data_volumes.add(data)
+        assert "check_port_connectivity" in " ".join(node["healthcheck"]["test"])
+        ports = {str(p).rsplit(":", 2)[-2] for p in node["ports"]}
+        assert not ports & host_ports, f"{name} publishes a host port already taken"
+        host_ports |= ports
+    assert len(data_volumes) == len(nodes), "two nodes share a data volume"
+
+
+async def test_cluster_definitions_are_the_definitions_with_quorum_queues(
+    definitions: dict[str, Any],
+) -> None:
+    cluster = json.loads(CLUSTER_DEFINITIONS.read_text())
+    channel = _RecordingChannel()
+    await declare_topology(channel, "quorum")  # type: ignore[arg-type]
+    declared = {name: args for name, (_, _, _, args) in channel.seen.queues.items()}
+    assert {q["name"]: q["arguments"] for q in cluster["queues"]} == declared
+    # Users, hashes, permissions, exchanges and bindings: those of the single broker.
+    for queue in cluster["queues"]:
+        assert queue["arguments"].pop("x-queue-type") == "quorum"
+    assert cluster == definitions
+
+
+def test_cluster_env_points_every_service_at_the_three_nodes(raw_compose: dict[str, Any]) -> None:
+    env = read_env_file(CLUSTER_ENV)
+    assert env["GEO_QUEUE_TYPE"] == "quorum"
+    compose = interpolated(raw_compose, env)
+    hostnames = sorted(compose["services"][node]["hostname"] for node in CLUSTER_NODES)
+    first_nodes = set()
+    for name in APP_SERVICES:
+        service_env = environment_of(compose["services"][name])
+        settings = Settings(
+            amqp_url=service_env["GEO_AMQP_URL"], queue_type=service_env["GEO_QUEUE_TYPE"]
+        )
+        assert settings.queue_type == "quorum"
+        urls = [urlsplit(url) for url in settings.amqp_urls]
+        assert sorted(u.hostname or "" for u in urls) == hostnames, name
+        assert {(u.username, u.password) for u in urls} == {
+            (SERVICE_USERS[name], DEV_PASSWORDS[SERVICE_USERS[name]])
+        }
+        assert {(u.port, unquote(u.path[1:])) for u in urls} == {(5672, VHOST)}
+        first_nodes.add(urls[0].hostname)
+    assert len(first_nodes) == len(APP_SERVICES), "the services all start on one node"
+    # Without the file, each service keeps its one URL on the single broker, classic queues.
+    default = interpolated(raw_compose, {})
+    for name in APP_SERVICES:
+        service_env = environment_of(default["services"][name])
+        assert urlsplit(service_env["GEO_AMQP_URL"]).hostname == "rabbitmq"
+        assert service_env["GEO_QUEUE_TYPE"] == "classic"
