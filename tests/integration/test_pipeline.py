@@ -103,7 +103,7 @@ async def test_mixed_burst_becomes_exact_rows_and_malformed_is_dead_lettered(
     bodies += [{"ips": public_v4[i : i + 100]} for i in range(1200, 1500, 100)]
     bodies += [{"ip": ip} for ip in public_v6 + mapped + private + unresolvable]
     bodies += [{"ips": [*public_v4[:50], "2001:4860:4860:0:0:0:0:8888"]}]  # duplicates
-    bodies += [{"ip": ip} for ip in public_v4[:200]]  # duplicates again, single
+    bodies += [{"ip": ip} for ip in public_v4[:1400]]  # duplicates again, single
     malformed: list[bytes] = [
         b"not json at all",
         b'{"ip": 12345}',
@@ -119,6 +119,7 @@ async def test_mixed_burst_becomes_exact_rows_and_malformed_is_dead_lettered(
     step = len(bodies) // len(malformed)
     for i, bad in enumerate(malformed):
         bodies.insert((i + 1) * step, bad)
+    assert len(bodies) > 3000  # the burst: about 3,000 mixed messages
     await publish(pipeline.amqp_url, "ip.seen", bodies)
     pipeline.start("resolver")
 
