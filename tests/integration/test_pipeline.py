@@ -103,7 +103,8 @@ async def test_mixed_burst_becomes_exact_rows_and_malformed_is_dead_lettered(
     bodies += [{"ips": public_v4[i : i + 100]} for i in range(1200, 1500, 100)]
     bodies += [{"ip": ip} for ip in public_v6 + mapped + private + unresolvable]
     bodies += [{"ips": [*public_v4[:50], "2001:4860:4860:0:0:0:0:8888"]}]  # duplicates
-    bodies += [{"ip": ip} for ip in public_v4[:1400]]  # duplicates again, single
+    bodies += [{"ip": ip} for ip in public_v4]  # duplicates again, single
+    bodies += [{"ips": public_v4[i : i + 1]} for i in range(1200, 1500)]  # and bulk of one
     malformed: list[bytes] = [
         b"not json at all",
         b'{"ip": 12345}',
