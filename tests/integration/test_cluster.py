@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +21,7 @@ from typing import Any
 import pytest
 
 from shared.amqp import BrokerUnreachable, connect_once
+from tests.integration.rabbit_nodes import Node, prepare_home
 from tests.integration.support import (
     ServiceProcess,
     async_poll,
@@ -42,9 +38,6 @@ from tests.integration.test_scale_out import logged
 
 pytestmark = pytest.mark.integration
 
-# Debian/Ubuntu put the real scripts here; the /usr/sbin ones re-run them as the rabbitmq user
-# (and its cookie), which these private nodes must not share.
-RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 COOKIE = "BANGUIGEOCLUSTERTESTCOOKIE"
 NODES = (("geo-a", 5681), ("geo-b", 5682), ("geo-c", 5683))
 DURABLE = (
@@ -56,122 +49,16 @@ DURABLE = (
 )
 
 
-def rabbitmq_tool(name: str) -> str:
-    direct = RABBITMQ_BIN / name
-    if direct.exists():
-        return str(direct)
-    found = shutil.which(name)
-    assert found, (
-        f"the cluster test starts RabbitMQ nodes of its own and needs {name} on this machine "
-        "(the rabbitmq-server package)"
-    )
-    return found
-
-
-@dataclass
-class Node:
-    name: str
-    port: int
-    home: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def nodename(self) -> str:
-        return f"{self.name}@localhost"
-
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
-
-    @property
-    def endpoint(self) -> str:
-        """How the services' logs name this node (``shared.amqp._endpoint``)."""
-        return f"127.0.0.1:{self.port}/"
-
-    def env(self) -> dict[str, str]:
-        base = self.home
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
-        env.update(
-            HOME=str(base),  # the Erlang cookie of these nodes and of the CLI talking to them
-            RABBITMQ_NODENAME=self.nodename,
-            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
-            RABBITMQ_NODE_PORT=str(self.port),
-            RABBITMQ_DIST_PORT=str(self.port + 20_000),
-            RABBITMQ_MNESIA_BASE=str(base / "mnesia"),
-            RABBITMQ_LOG_BASE=str(base / "log"),
-            RABBITMQ_CONFIG_FILE=str(base / f"{self.name}.conf"),
-            RABBITMQ_ADVANCED_CONFIG_FILE=str(base / "advanced.config"),
-            RABBITMQ_ENABLED_PLUGINS_FILE=str(base / "enabled_plugins"),  # none: no management
-            RABBITMQ_CONF_ENV_FILE=str(base / "rabbitmq-env.conf"),  # not /etc/rabbitmq's
-            RABBITMQ_PID_FILE=str(base / f"{self.name}.pid"),
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
-        )
-        return env
-
-    def ctl(self, *args: str, timeout: float = 60) -> str:
-        command = [rabbitmq_tool("rabbitmqctl"), "-n", self.nodename, *args]
-        result = subprocess.run(
-            command, env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
-        )
-        assert result.returncode == 0, f"{' '.join(command[1:])}: {result.stderr or result.stdout}"
-        return result.stdout
-
-    def start(self) -> None:
-        (self.home / f"{self.name}.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{self.port}\n")
-        log = (self.home / f"{self.name}.out").open("ab")
-        self.process = subprocess.Popen(
-            [rabbitmq_tool("rabbitmq-server")],
-            env=self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, killed as one if it hangs
-        )
-        log.close()
-
-    def wait_started(self) -> None:
-        self.ctl("wait", str(self.home / f"{self.name}.pid"), "--timeout", "60", timeout=70)
-
-    def stop(self) -> None:
-        """Halt the node, or kill what is left of it: only this node's own processes."""
-        if self.process is None:
-            return
-        with suppress(AssertionError, subprocess.TimeoutExpired):
-            self.ctl("stop", timeout=30)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=15)
-        for pid, cmdline in _processes():
-            if "beam" in cmdline and f"{self.nodename} " in cmdline + " ":
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-
-
-def _processes() -> Iterator[tuple[int, str]]:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with suppress(OSError):
-                raw = (entry / "cmdline").read_bytes()
-                yield int(entry.name), raw.replace(b"\0", b" ").decode(errors="replace")
-
-
 @dataclass
 class LocalCluster:
     home: Path
     nodes: list[Node] = field(default_factory=list)
 
     def start(self) -> None:
-        cookie = self.home / ".erlang.cookie"
-        cookie.write_text(COOKIE)
-        cookie.chmod(0o400)
-        (self.home / "enabled_plugins").write_text("[].\n")
-        (self.home / "rabbitmq-env.conf").write_text("")
+        prepare_home(self.home, COOKIE)
         self.nodes = [Node(name, port, self.home) for name, port in NODES]
         for node in self.nodes:
-            in_use = [n for _, n in _processes() if f"{node.nodename} " in n + " "]
-            assert not in_use, f"{node.nodename} already runs (a previous run left it?)"
+            node.assert_not_running()
             node.start()
         for node in self.nodes:
             node.wait_started()
