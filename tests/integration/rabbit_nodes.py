@@ -67,7 +67,7 @@ class Node:
 
     @property
     def endpoint(self) -> str:
-        """How the services' logs name this node (``shared.amqp._endpoint``)."""
+        """How the services' logs name this node (``shared.amqp.connection._endpoint``)."""
         return f"127.0.0.1:{self.port}/"
 
     def env(self) -> dict[str, str]:

@@ -161,7 +161,7 @@ class TlsBroker:
 
     @property
     def endpoint(self) -> str:
-        """How the services' logs name this broker (``shared.amqp._endpoint``)."""
+        """How the services' logs name this broker (``shared.amqp.connection._endpoint``)."""
         return f"localhost:{self.node.port}/"
 
 

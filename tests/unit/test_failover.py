@@ -7,7 +7,7 @@ from __future__ import annotations
 import aio_pika
 from aio_pika.connection import make_url
 
-from shared.amqp import _Failover
+from shared.amqp.connection import _Failover
 
 NODES = (
     "amqp://geo:secret@rabbit-a:5672/bangui",

@@ -1,0 +1,49 @@
+"""All AMQP plumbing, and the only package that imports aio_pika.
+
+It connects (robustly, with bounded retries, to one broker or in turn to the nodes of a cluster),
+declares the topology, publishes models with publisher confirms, and consumes queues: it decodes
+each body into its model at the edge, sends what can never succeed to ``geo.dead_letter`` with
+the reason in a header, requeues transient failures after a back-off, and acks only after the
+handler's effect is durable. ``connection``, ``service`` and ``tools`` each hold one part.
+"""
+
+from shared.amqp.connection import (
+    BrokerError,
+    BrokerUnreachable,
+    PublishFailed,
+    connect,
+    connect_once,
+    declare_topology,
+    open_channel,
+    redacted,
+)
+from shared.amqp.service import Amqp, AmqpPublisher, AmqpTicket, Consumer
+from shared.amqp.tools import (
+    DeadLetter,
+    ExchangePublisher,
+    ReplayOutcome,
+    dead_letter_from,
+    peek_dead_letters,
+    replay_dead_letters,
+)
+
+__all__ = [
+    "Amqp",
+    "AmqpPublisher",
+    "AmqpTicket",
+    "BrokerError",
+    "BrokerUnreachable",
+    "Consumer",
+    "DeadLetter",
+    "ExchangePublisher",
+    "PublishFailed",
+    "ReplayOutcome",
+    "connect",
+    "connect_once",
+    "dead_letter_from",
+    "declare_topology",
+    "open_channel",
+    "peek_dead_letters",
+    "redacted",
+    "replay_dead_letters",
+]

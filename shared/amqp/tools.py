@@ -1,0 +1,280 @@
+"""For the CLI and other BanGUI components: publishing without declaring anything, and the
+dead-letter queue looked at and replayed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import (
+    AMQPError,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    DeliveryError,
+    PublishError,
+)
+
+from shared import topology
+from shared.amqp.connection import (
+    BrokerError,
+    BrokerUnreachable,
+    PublishFailed,
+    close_quietly,
+    connect_once,
+    json_message,
+    open_channel,
+    redacted,
+)
+
+log = structlog.get_logger("shared.amqp")
+
+
+class ExchangePublisher:
+    """Publishes raw bodies on one existing exchange and waits for the broker's confirms.
+
+    It declares nothing (the services own the topology), so a publish-only user (write on
+    ``bangui``, no configure, no read) can use it. Publishes are mandatory: a message that no
+    queue would take raises instead of vanishing.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        channel: AbstractChannel,
+        exchange: AbstractExchange,
+        confirm_timeout: float,
+    ) -> None:
+        self.connection = connection
+        self._channel = channel
+        self._exchange = exchange
+        self._timeout = confirm_timeout
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        connect_timeout: float,
+        confirm_timeout: float,
+        exchange: str = topology.EXCHANGE,
+    ) -> ExchangePublisher:
+        connection = await connect_once(url, connect_timeout=connect_timeout)
+        try:
+            channel = await open_channel(connection)
+            try:
+                target = await channel.get_exchange(exchange, ensure=True)  # passive: no rights
+            except ChannelNotFoundEntity:
+                raise BrokerUnreachable(
+                    f"exchange {exchange!r} does not exist on {redacted(url)} "
+                    "(start a bangui-geo service once: it declares the topology)"
+                ) from None
+        except BaseException:
+            await connection.close()
+            raise
+        return cls(connection, channel, target, confirm_timeout)
+
+    async def publish(
+        self, routing_key: str, bodies: Sequence[bytes], *, window: int = 100
+    ) -> None:
+        """Publish ``bodies`` persistently, ``window`` confirms in flight at a time."""
+        for start in range(0, len(bodies), window):
+            try:
+                await asyncio.gather(
+                    *(
+                        self._exchange.publish(
+                            json_message(body, expiration=None, headers=None),
+                            routing_key,
+                            mandatory=True,
+                            timeout=self._timeout,
+                        )
+                        for body in bodies[start : start + window]
+                    )
+                )
+            except PublishError:
+                raise PublishFailed(
+                    f"{routing_key} was not routed: no queue is bound to it on "
+                    f"{self._exchange.name!r} (has the resolver declared its queue?)"
+                ) from None
+            except TimeoutError:
+                raise PublishFailed(
+                    f"{routing_key} not confirmed within {self._timeout:g} s"
+                ) from None
+            except (AMQPError, ChannelInvalidStateError, RuntimeError) as exc:
+                raise PublishFailed(f"{routing_key} not confirmed: {exc!r}") from None
+
+    async def close(self) -> None:
+        await close_quietly(self._channel)
+        await self.connection.close()
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message in ``geo.dead_letter``: why it is there and where a replay would send it."""
+
+    body: bytes
+    routing_key: str  # as it reached geo.dead_letter
+    replay_key: str | None  # the routing key it had on ``bangui``, if known
+    reason: str
+    rejected_by: str | None
+    original_queue: str | None
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
+
+
+def dead_letter_from(body: bytes, routing_key: str, headers: Mapping[str, object]) -> DeadLetter:
+    """Read our ``x-geo-*`` headers, or the broker's ``x-death`` for its own dead-lettering."""
+    death: Mapping[str, object] = {}
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+        death = deaths[0]  # the most recent death comes first
+    death_keys = death.get("routing-keys")
+    death_key = _text(death_keys[0]) if isinstance(death_keys, list) and death_keys else None
+    reason = _text(headers.get(topology.REASON_HEADER))
+    if reason is None:
+        broker_reason = _text(death.get("reason"))
+        reason = f"dead-lettered by the broker: {broker_reason}" if broker_reason else "unknown"
+    return DeadLetter(
+        body=body,
+        routing_key=routing_key,
+        replay_key=_text(headers.get(topology.ROUTING_KEY_HEADER))
+        or death_key
+        or (routing_key or None),
+        reason=reason,
+        rejected_by=_text(headers.get(topology.SERVICE_HEADER)),
+        original_queue=_text(headers.get(topology.QUEUE_HEADER)) or _text(death.get("queue")),
+    )
+
+
+def _letter(message: AbstractIncomingMessage) -> DeadLetter:
+    return dead_letter_from(message.body, message.routing_key or "", dict(message.headers))
+
+
+async def _dead_letter_queue(channel: AbstractChannel) -> tuple[AbstractQueue, int]:
+    try:
+        queue = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+    except ChannelNotFoundEntity:
+        raise BrokerError(
+            f"queue {topology.DEAD_LETTER_QUEUE!r} does not exist "
+            "(start a bangui-geo service once: it declares the topology)"
+        ) from None
+    return queue, int(queue.declaration_result.message_count or 0)
+
+
+async def peek_dead_letters(
+    connection: AbstractRobustConnection, *, limit: int
+) -> tuple[int, list[DeadLetter]]:
+    """The number of dead letters and the first ``limit`` of them, all left in the queue.
+
+    Each is taken unacked, so the next get returns the next one, and all are requeued at the
+    end (a requeue keeps their places). Their ``redelivered`` flag is set by this.
+    """
+    channel = await connection.channel()
+    try:
+        queue, total = await _dead_letter_queue(channel)
+        taken: list[AbstractIncomingMessage] = []
+        try:
+            for _ in range(min(total, limit)):
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                taken.append(message)
+        finally:
+            if taken:
+                with suppress(AMQPError, ChannelInvalidStateError, RuntimeError):
+                    await taken[-1].nack(multiple=True, requeue=True)
+        return total, [_letter(m) for m in taken]
+    except (AMQPError, ChannelInvalidStateError) as exc:  # e.g. ACCESS_REFUSED: no read right
+        raise BrokerError(f"cannot read {topology.DEAD_LETTER_QUEUE}: {exc}") from None
+    finally:
+        await close_quietly(channel)
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    letter: DeadLetter
+    replayed: bool
+    note: str  # what happened, e.g. "replayed to ip.seen" or why it was kept
+
+
+async def replay_dead_letters(
+    connection: AbstractRobustConnection,
+    *,
+    confirm_timeout: float,
+    limit: int,
+    dry_run: bool = False,
+) -> list[ReplayOutcome]:
+    """Republish dead letters to ``bangui`` with their original routing keys, each acked only
+    after its republish is confirmed; those that cannot go back stay in the queue.
+
+    At most the number of messages present at the start are taken, so a message that fails
+    again and returns to the queue during the replay is not replayed twice.
+    """
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    try:
+        queue, total = await _dead_letter_queue(channel)
+        exchange = await channel.get_exchange(topology.EXCHANGE, ensure=True)
+        outcomes: list[ReplayOutcome] = []
+        kept: list[AbstractIncomingMessage] = []  # requeued at the end, in their places
+        for _ in range(min(total, limit)):
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            letter = _letter(message)
+            if letter.replay_key is None:
+                kept.append(message)
+                outcomes.append(ReplayOutcome(letter, False, "kept: no original routing key"))
+                continue
+            if dry_run:
+                kept.append(message)
+                note = f"would replay to {letter.replay_key}"
+                outcomes.append(ReplayOutcome(letter, False, note))
+                continue
+            try:
+                await exchange.publish(
+                    json_message(message.body, expiration=None, headers=None),
+                    letter.replay_key,
+                    mandatory=True,
+                    timeout=confirm_timeout,
+                )
+            except PublishError:
+                kept.append(message)
+                note = f"kept: no queue is bound to {letter.replay_key}"
+                outcomes.append(ReplayOutcome(letter, False, note))
+                continue
+            except DeliveryError:
+                kept.append(message)
+                outcomes.append(ReplayOutcome(letter, False, "kept: the broker refused it"))
+                continue
+            except (TimeoutError, AMQPError, ChannelInvalidStateError, RuntimeError) as exc:
+                why = (
+                    f"no answer within {confirm_timeout:g} s"
+                    if isinstance(exc, TimeoutError)
+                    else repr(exc)
+                )
+                raise PublishFailed(
+                    f"replay to {letter.replay_key} not confirmed ({why}) after "
+                    f"{sum(o.replayed for o in outcomes)} replayed; the rest stay queued"
+                ) from None
+            await message.ack()
+            outcomes.append(ReplayOutcome(letter, True, f"replayed to {letter.replay_key}"))
+        for message in kept:
+            await message.nack(requeue=True)
+        return outcomes
+    except (AMQPError, ChannelInvalidStateError) as exc:  # e.g. ACCESS_REFUSED: no read right
+        raise BrokerError(f"cannot replay {topology.DEAD_LETTER_QUEUE}: {exc}") from None
+    finally:
+        await close_quietly(channel)  # anything still unacked goes back to the queue
