@@ -18,3 +18,11 @@ class Rejected(Exception):
 
 class Transient(Exception):
     """Processing failed for a reason that may pass; requeue the message after a back-off."""
+
+
+class StartupError(Exception):
+    """The service cannot start for a reason the operator must fix; logged as one line."""
+
+
+class TopologyMismatch(StartupError):
+    """A queue exists on the broker with other arguments than this version declares."""

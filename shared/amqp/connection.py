@@ -22,8 +22,10 @@ from aio_pika.exceptions import (
     AMQPError,
     ProbableAuthenticationError,
 )
+from aiormq.exceptions import ChannelPreconditionFailed
 
 from shared import topology
+from shared.errors import TopologyMismatch
 from shared.settings import split_amqp_urls
 
 log = structlog.get_logger("shared.amqp")
@@ -124,9 +126,17 @@ async def declare_topology(
     for spec, source in [(q, exchange) for q in topology.WORK_QUEUES] + [
         (topology.DEAD_LETTER, dlx)
     ]:
-        queue = await channel.declare_queue(
-            spec.name, durable=True, arguments=spec.declare_arguments(queue_type) or None
-        )
+        arguments = spec.declare_arguments(queue_type)
+        try:
+            queue = await channel.declare_queue(
+                spec.name, durable=True, arguments=arguments or None
+            )
+        except ChannelPreconditionFailed as exc:
+            raise TopologyMismatch(
+                f"queue {spec.name} exists with other arguments than this version declares "
+                f"({arguments or 'none'}): {exc.args[0] if exc.args else exc}; drain and delete "
+                f"it (rabbitmqctl delete_queue -p <vhost> {spec.name}), then start again"
+            ) from None
         for key in spec.routing_keys:
             await queue.bind(source, routing_key=key)
         queues[spec.name] = queue

@@ -303,3 +303,23 @@ async def test_copies_routed_around_the_topology_are_dead_lettered(pipeline: Pip
     ]
     assert "6.6.6.6" not in pipeline.rows()
     assert pipeline.rows()["8.8.8.8"][0] == "US"
+
+
+async def test_a_queue_with_other_arguments_stops_the_service_with_one_clear_line(
+    pipeline: Pipeline,
+) -> None:
+    # e.g. left by an older version: RabbitMQ refuses to redeclare it with other arguments.
+    connection = await aio_pika.connect(pipeline.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue("geo.persistence.upsert", durable=True)
+    persistence = pipeline.start("persistence")
+    assert persistence.process is not None
+    assert persistence.process.wait(timeout=20) == 1
+    failed = [e for e in persistence.log_events() if e.get("event") == "service_start_failed"]
+    assert len(failed) == 1
+    reason = failed[0]["reason"]
+    assert reason.startswith("queue geo.persistence.upsert exists with other arguments")
+    assert "x-single-active-consumer" in reason
+    assert "rabbitmqctl delete_queue" in reason
+    assert not any(e.get("event") == "service_crashed" for e in persistence.log_events())
