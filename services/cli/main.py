@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import runpy
 import sys
 from collections.abc import Sequence
 from contextlib import closing
@@ -166,21 +167,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def run_service(name: str) -> int:
-    """``bangui-geo run NAME``: exactly what ``python -m services.NAME`` does."""
-    from shared.lifecycle import main as service_main
-
-    if name == "resolver":
-        from services.resolver.bootstrap import run as run_resolver
-        from shared.settings import check_provider_files
-
-        return service_main("resolver", run_resolver, checks=[check_provider_files])
-    if name == "timer":
-        from services.timer.bootstrap import run as run_timer
-
-        return service_main("timer", run_timer)
-    from services.persistence.bootstrap import run as run_persistence
-
-    return service_main("persistence", run_persistence)
+    """``bangui-geo run NAME``: runs ``services.NAME`` as ``python -m services.NAME`` does, so the
+    start wiring (body, start checks) lives in one place, the service's ``__main__``."""
+    try:
+        runpy.run_module(f"services.{name}", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return EXIT_OK
 
 
 def _settings(*, amqp_url: str | None, db: Path | None) -> Settings:

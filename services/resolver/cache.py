@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from services.resolver.geo import Geo
-from shared.messages import Resolution
 
 _MAX_INTERNED = 65_536
 
@@ -95,7 +94,7 @@ class GeoCache:
             entries[ip] = geo
             entries.move_to_end(ip)
             dirty[ip] = now
-            if geo.resolution is Resolution.FAILED:
+            if geo.retryable:
                 negative[ip] = until
             elif negative:
                 negative.pop(ip, None)
