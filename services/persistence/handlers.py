@@ -6,7 +6,6 @@ after the commit; a locked or full database raises ``Transient`` so the batch is
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ class PersistenceState:
 class PersistenceDeps:
     repository: GeoRepository
     publisher: Publisher
-    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     state: PersistenceState = field(default_factory=PersistenceState)
     log: structlog.typing.FilteringBoundLogger = field(
         default_factory=lambda: structlog.get_logger("persistence")
@@ -41,13 +39,12 @@ class PersistenceDeps:
 
 async def on_geo_upsert_batch(cmd: GeoUpsertBatch, deps: PersistenceDeps) -> None:
     started = time.perf_counter()
-    async with deps.write_lock:  # one transaction at a time on the one connection
-        try:
-            changed = await deps.repository.upsert_many(cmd.rows)
-        except sqlite3.Error as exc:
-            if is_transient(exc):
-                raise Transient(f"geo_cache write failed: {exc}") from exc
-            raise
+    try:
+        changed = await deps.repository.upsert_many(cmd.rows)
+    except sqlite3.Error as exc:
+        if is_transient(exc):
+            raise Transient(f"geo_cache write failed: {exc}") from exc
+        raise
     deps.state.batches += 1
     deps.state.rows += len(cmd.rows)
     deps.log.info(

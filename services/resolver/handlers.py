@@ -192,6 +192,10 @@ async def flush(deps: ResolverDeps, *, trigger: str) -> int:
         started = time.perf_counter()
         tickets, state.held = state.held, []
         entries = cache.take_dirty()
+        # In IP order, so each geo.upsert covers a narrow slice of geo_cache's primary-key
+        # index: its commit rewrites a few dozen index pages instead of one per row (bench/:
+        # persistence 3x faster on a 20,000-row flush).
+        entries.sort(key=_by_ip)
         rows = [
             _rows_json(entries[i : i + MAX_ROWS_PER_UPSERT])
             for i in range(0, len(entries), MAX_ROWS_PER_UPSERT)
@@ -235,15 +239,22 @@ async def _announce(rows: Sequence[bytes], deps: ResolverDeps) -> None:
         deps.log.warning("ip_resolved_publish_failed", batches=len(rows), error=repr(exc))
 
 
+def _by_ip(entry: DirtyEntry) -> str:
+    return entry.ip
+
+
 def _rows_json(entries: Sequence[DirtyEntry]) -> bytes:
     """The ``rows`` array of GeoUpsertBatch / IpResolved (GeoRow order), built with the C json
     encoder: ~5x cheaper than pydantic models, and built once for both messages."""
+    stamps: dict[float, str] = {}  # the IPs of one delivery share their resolved_at
+    for at in {e.resolved_at for e in entries}:
+        stamps[at] = iso_utc_from_epoch(at)
     return json.dumps(
         [
             (
                 e.ip,
                 e.geo.resolution,
-                iso_utc_from_epoch(e.resolved_at),
+                stamps[e.resolved_at],
                 e.geo.country_code,
                 e.geo.country_name,
                 e.geo.asn,

@@ -233,6 +233,18 @@ async def test_flush_publishes_batches_of_at_most_1000_rows() -> None:
     assert r.deps.state.rows_flushed == 2500
 
 
+async def test_a_flush_goes_out_in_ip_order_across_its_batches() -> None:
+    """Each geo.upsert then covers a narrow slice of geo_cache's primary-key index."""
+    r = make_resolver()
+    addresses = [f"{1 + i % 200}.{i % 7}.{i // 7 % 256}.{i % 251}" for i in range(2500)]
+    for n, start in enumerate(range(0, 2500, 1000)):
+        await r.seen(*addresses[start : start + 1000], ticket=f"t{n}")
+    await flush(r.deps, trigger="test")
+    flushed = [row.ip for batch in r.batches() for row in batch.rows]
+    assert flushed == sorted(set(addresses))
+    assert flushed != list(dict.fromkeys(addresses))  # the arrival order was another
+
+
 async def test_flush_with_nothing_dirty_publishes_nothing() -> None:
     r = make_resolver()
     assert await flush(r.deps, trigger="test") == 0
@@ -405,7 +417,7 @@ async def test_a_full_dirty_set_makes_new_deliveries_wait_for_the_flush() -> Non
     gate.set()
     await late
     flushed = [row.ip for batch in r.batches() for row in batch.rows]
-    assert flushed == ["8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1"]
+    assert flushed == ["8.8.4.4", "8.8.8.8", "1.0.0.1", "1.1.1.1"]  # each flush in IP order
     assert r.deps.cache.dirty_count == 1  # 9.9.9.9, admitted once there was room
     assert [t.name for t in r.acker.acked] == ["a", "b"]  # type: ignore[attr-defined]
 

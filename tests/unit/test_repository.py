@@ -1,0 +1,216 @@
+"""``SqliteGeoRepository`` on a real SQLite file: the upsert rules, one commit per batch, batches
+bigger than one statement, atomicity, and the migration of the original BanGUI table."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.persistence.repository import SqliteGeoRepository, max_rows_per_statement
+from shared.messages import GeoRow, Resolution, iso_utc
+
+T0 = datetime(2027, 1, 15, 8, 0, tzinfo=UTC)
+
+
+def row(
+    ip: str,
+    code: str | None = "US",
+    *,
+    minutes: int = 0,
+    resolution: Resolution | None = None,
+    provider: str | None = "embedded",
+) -> GeoRow:
+    if resolution is None:
+        resolution = Resolution.RESOLVED if code else Resolution.FAILED
+    return GeoRow(
+        ip=ip,
+        resolution=resolution,
+        cached_at=iso_utc(T0 + timedelta(minutes=minutes)),
+        country_code=code,
+        country_name={"US": "United States", "DE": "Germany"}.get(code or ""),
+        provider=provider,
+    )
+
+
+def stored(path: Path) -> dict[str, tuple[Any, ...]]:
+    """What another connection (the dashboard, say) reads: committed rows only."""
+    with closing(sqlite3.connect(path)) as db:
+        found = db.execute(
+            "SELECT ip, country_code, resolution, cached_at, provider FROM geo_cache"
+        ).fetchall()
+    return {r[0]: tuple(r[1:]) for r in found}
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "geo.sqlite3"
+
+
+@pytest.fixture
+async def repository(db_path: Path) -> AsyncIterator[SqliteGeoRepository]:
+    repo = await SqliteGeoRepository.open(db_path)
+    yield repo
+    await repo.close()
+
+
+async def test_rows_are_committed_once_per_batch(
+    repository: SqliteGeoRepository, db_path: Path
+) -> None:
+    changed = await repository.upsert_many([row("8.8.8.8"), row("9.9.9.9", None)])
+    assert changed == 2
+    assert repository.commits == 1
+    assert stored(db_path) == {
+        "8.8.8.8": ("US", "resolved", iso_utc(T0), "embedded"),
+        "9.9.9.9": (None, "failed", iso_utc(T0), "embedded"),
+    }
+    with closing(sqlite3.connect(db_path)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("SELECT typeof(resolution) FROM geo_cache").fetchone() == ("text",)
+
+
+async def test_newer_answers_win_and_older_ones_are_ignored(
+    repository: SqliteGeoRepository, db_path: Path
+) -> None:
+    await repository.upsert_many([row("8.8.8.8", "US", minutes=5)])
+    assert await repository.upsert_many([row("8.8.8.8", "DE", minutes=1)]) == 0
+    assert stored(db_path)["8.8.8.8"][0] == "US"
+    assert await repository.upsert_many([row("8.8.8.8", "DE", minutes=9)]) == 1
+    assert stored(db_path)["8.8.8.8"][0] == "DE"
+
+
+async def test_a_failure_never_overwrites_a_country(
+    repository: SqliteGeoRepository, db_path: Path
+) -> None:
+    await repository.upsert_many([row("8.8.8.8", "US"), row("9.9.9.9", None)])
+    await repository.upsert_many(
+        [row("8.8.8.8", None, minutes=10), row("9.9.9.9", None, minutes=10, provider="ip-api")]
+    )
+    after = stored(db_path)
+    assert after["8.8.8.8"] == ("US", "resolved", iso_utc(T0), "embedded")
+    assert after["9.9.9.9"] == (None, "failed", iso_utc(T0 + timedelta(minutes=10)), "ip-api")
+    await repository.upsert_many([row("9.9.9.9", "DE", minutes=11)])
+    assert stored(db_path)["9.9.9.9"][:2] == ("DE", "resolved")
+
+
+async def test_a_redelivered_batch_leaves_the_table_as_it_was(
+    repository: SqliteGeoRepository, db_path: Path
+) -> None:
+    batch = [row(f"11.0.0.{i}", "US" if i % 2 else None) for i in range(1, 200)]
+    await repository.upsert_many(batch)
+    before = stored(db_path)
+    await repository.upsert_many(batch)
+    assert stored(db_path) == before
+    assert len(before) == 199
+
+
+async def test_the_same_ip_twice_in_one_batch_keeps_the_newer_answer(
+    repository: SqliteGeoRepository, db_path: Path
+) -> None:
+    await repository.upsert_many([row("8.8.8.8", "DE", minutes=2), row("8.8.8.8", "US", minutes=1)])
+    await repository.upsert_many([row("1.1.1.1", "US", minutes=1), row("1.1.1.1", "DE", minutes=2)])
+    after = stored(db_path)
+    assert (after["8.8.8.8"][0], after["1.1.1.1"][0]) == ("DE", "DE")
+
+
+async def test_a_bad_row_rolls_back_its_whole_batch(
+    repository: SqliteGeoRepository, db_path: Path
+) -> None:
+    await repository.upsert_many([row("1.1.1.1")])
+    bad = row("11.0.0.3")._replace(cached_at=None)  # NOT NULL
+    with pytest.raises(sqlite3.IntegrityError):
+        await repository.upsert_many([row("11.0.0.1"), row("11.0.0.2"), bad, row("11.0.0.4")])
+    assert list(stored(db_path)) == ["1.1.1.1"]
+    assert repository.commits == 1
+    await repository.upsert_many([row("11.0.0.5")])  # no transaction was left open
+    assert set(stored(db_path)) == {"1.1.1.1", "11.0.0.5"}
+
+
+def test_a_batch_of_1000_fits_one_statement_with_this_sqlite() -> None:
+    assert max_rows_per_statement() >= 1000
+
+
+async def test_a_batch_bigger_than_one_statement_is_still_one_transaction(
+    db_path: Path,
+) -> None:
+    repo = await SqliteGeoRepository.open(db_path, rows_per_statement=3)
+    try:
+        assert await repo.upsert_many([row(f"11.0.0.{i}") for i in range(1, 11)]) == 10
+        assert repo.commits == 1
+        assert len(stored(db_path)) == 10
+        bad = row("12.0.0.8")._replace(cached_at=None)
+        batch = [row(f"12.0.0.{i}") for i in range(1, 8)] + [bad]
+        with pytest.raises(sqlite3.IntegrityError):  # in the third statement
+            await repo.upsert_many(batch)
+        assert len(stored(db_path)) == 10  # the first two statements were rolled back
+    finally:
+        await repo.close()
+
+
+async def test_a_small_batch_never_joins_a_big_batchs_transaction(db_path: Path) -> None:
+    """Were it to, the big batch's rollback would take the small batch's rows with it."""
+    repo = await SqliteGeoRepository.open(db_path, rows_per_statement=4)
+    try:
+        big_bad = [row(f"12.0.0.{i}") for i in range(1, 11)] + [
+            row("12.0.0.11")._replace(cached_at=None)
+        ]
+        smalls = [[row(f"11.{n}.0.1"), row(f"11.{n}.0.2")] for n in range(5)]
+        results = await asyncio.gather(
+            repo.upsert_many(big_bad),
+            *(repo.upsert_many(b) for b in smalls),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], sqlite3.IntegrityError)
+        assert results[1:] == [2] * 5
+        assert set(stored(db_path)) == {r.ip for b in smalls for r in b}
+    finally:
+        await repo.close()
+
+
+async def test_an_original_bangui_table_is_migrated_in_place(db_path: Path) -> None:
+    with closing(sqlite3.connect(db_path)) as db:
+        db.execute(
+            "CREATE TABLE geo_cache (ip TEXT PRIMARY KEY, country_code TEXT, country_name TEXT,"
+            " asn TEXT, org TEXT, cached_at TEXT NOT NULL)"
+        )
+        db.executemany(
+            "INSERT INTO geo_cache VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                ("8.8.8.8", "US", "United States", "AS15169", "Google LLC", "2024-01-01 00:00"),
+                ("9.9.9.9", None, None, None, None, "2024-01-01 00:00"),
+            ],
+        )
+        db.commit()
+    repo = await SqliteGeoRepository.open(db_path)
+    try:
+        assert await repo.unresolved_ips() == ["9.9.9.9"]  # legacy: no resolution recorded
+        await repo.upsert_many([row("9.9.9.9", "DE")])
+        assert await repo.unresolved_ips() == []
+    finally:
+        await repo.close()
+    with closing(sqlite3.connect(db_path)) as db:
+        assert db.execute("SELECT ip, asn, org FROM geo_cache WHERE ip = '8.8.8.8'").fetchone() == (
+            "8.8.8.8",
+            "AS15169",
+            "Google LLC",
+        )
+        columns = [c[1] for c in db.execute("PRAGMA table_info(geo_cache)")]
+    assert columns[-2:] == ["resolution", "provider"]
+
+
+async def test_only_failed_rows_are_unresolved(repository: SqliteGeoRepository) -> None:
+    await repository.upsert_many(
+        [
+            row("8.8.8.8", "US"),
+            row("9.9.9.9", None),
+            row("10.0.0.1", None, resolution=Resolution.NOT_GLOBAL),
+            row("192.0.2.1", None, resolution=Resolution.REJECTED),
+        ]
+    )
+    assert await repository.unresolved_ips() == ["9.9.9.9"]
