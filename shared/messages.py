@@ -166,13 +166,13 @@ class GeoUpsertBatch(BaseModel):
             [
                 [
                     "8.8.8.8",
+                    "resolved",
+                    "2026-11-22T12:01:26.519722Z",
                     "US",
                     "United States",
                     None,
                     None,
-                    "resolved",
                     "embedded",
-                    "2026-11-22T12:01:26.519722Z",
                 ]
             ]
         ],

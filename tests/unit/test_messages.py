@@ -7,7 +7,7 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from hypothesis import given
@@ -171,3 +171,16 @@ def test_iso_utc_from_epoch_matches_iso_utc_of_the_datetime(seconds: float) -> N
     gap = datetime.fromisoformat(fast) - datetime.fromisoformat(exact)
     assert abs(gap.total_seconds()) <= 1e-6  # the same instant, rounding aside
     assert TypeAdapter(GeoRow).validate_python(("8.8.8.8", "failed", fast)).cached_at == fast
+
+
+@pytest.mark.parametrize("model", MESSAGE_MODELS, ids=lambda m: m.__name__)
+def test_every_documented_example_is_a_valid_value(model: type[Any]) -> None:
+    """The examples end up in asyncapi.yaml, where publishers copy them."""
+    for name, field in model.model_fields.items():
+        kind = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+        adapter: TypeAdapter[Any] = TypeAdapter(kind)
+        for example in field.examples or []:
+            try:
+                adapter.validate_python(example)
+            except ValidationError as exc:
+                raise AssertionError(f"{model.__name__}.{name} example {example!r}: {exc}") from None
