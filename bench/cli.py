@@ -40,7 +40,7 @@ class Sizes:
     latency_rate: float
 
 
-FULL = Sizes(50_000, 200, 100, 3, 200_000, 5_000, 500, 100.0)
+FULL = Sizes(50_000, 1000, 100, 3, 200_000, 5_000, 500, 100.0)
 QUICK = Sizes(5_000, 20, 20, 3, 200_000, 2_000, 200, 100.0)
 
 Runner = Callable[[VhostPool, Path], Awaitable[list[Figure]]]
