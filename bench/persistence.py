@@ -98,7 +98,7 @@ async def run_persistence(batches: int, rounds: int, workdir: Path) -> list[Figu
         f"3. upsert {batches} batches of {BATCH} rows (fresh file, WAL, synchronous=FULL)",
         "rows/s",
         Target("ratio>=", 0.8),
-        baseline_is="sqlite3 executemany of the same rows, same SQL, one commit per batch",
+        baseline_is="sqlite3 executemany of the one-row upsert, same rows, one commit per batch",
     )
     commits = Figure(
         "commits_per_upsert",
