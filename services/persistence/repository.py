@@ -27,17 +27,6 @@ from shared.messages import GeoRow, Resolution
 # each one for __conform__ (a failed attribute lookup per row, a tenth of the batch's cost).
 sqlite3.register_adapter(Resolution, str)
 
-COLUMNS = (
-    "ip",
-    "country_code",
-    "country_name",
-    "asn",
-    "org",
-    "cached_at",
-    "resolution",
-    "provider",
-)
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS geo_cache (
     ip           TEXT PRIMARY KEY,

@@ -183,4 +183,5 @@ def test_every_documented_example_is_a_valid_value(model: type[Any]) -> None:
             try:
                 adapter.validate_python(example)
             except ValidationError as exc:
-                raise AssertionError(f"{model.__name__}.{name} example {example!r}: {exc}") from None
+                where = f"{model.__name__}.{name}"
+                raise AssertionError(f"{where} example {example!r}: {exc}") from None
