@@ -94,7 +94,12 @@ def _endpoint(url: str) -> str:
     """host:port/vhost of a broker URL, for logs: no user, no password."""
     parts = urlsplit(url)
     default = 5671 if parts.scheme == "amqps" else 5672
-    return f"{parts.hostname or 'localhost'}:{parts.port or default}{parts.path or '/'}"
+    return f"{_host(parts.hostname or 'localhost')}:{parts.port or default}{parts.path or '/'}"
+
+
+def _host(hostname: str) -> str:
+    """``hostname`` as a URL writes it: an IPv6 address back in its brackets."""
+    return f"[{hostname}]" if ":" in hostname else hostname
 
 
 def _log_reconnect(connection: Any) -> None:
@@ -177,7 +182,7 @@ def redacted(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
+    netloc = f"{parts.username or ''}:***@{_host(parts.hostname or '')}"
     if parts.port is not None:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

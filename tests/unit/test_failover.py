@@ -5,9 +5,10 @@ node, round robin; a deliberate close points it nowhere new."""
 from __future__ import annotations
 
 import aio_pika
+import pytest
 from aio_pika.connection import make_url
 
-from shared.amqp.connection import _Failover
+from shared.amqp.connection import _endpoint, _Failover, redacted
 
 NODES = (
     "amqp://geo:secret@rabbit-a:5672/bangui",
@@ -34,3 +35,27 @@ async def test_a_deliberate_close_does_not_move_the_connection() -> None:
     await connection.close()  # never connected: the callbacks still run, and must not switch
     await connection.close_callbacks(None)
     assert connection.url.port == 5672
+
+
+@pytest.mark.parametrize(
+    ("url", "endpoint", "shown"),
+    [
+        (
+            "amqp://geo:secret@rabbit-a:5673/bangui",
+            "rabbit-a:5673/bangui",
+            "amqp://geo:***@rabbit-a:5673/bangui",
+        ),
+        (
+            "amqps://geo:secret@[2001:db8::7]/bangui",
+            "[2001:db8::7]:5671/bangui",
+            "amqps://geo:***@[2001:db8::7]/bangui",
+        ),
+        ("amqp://[::1]:5672/", "[::1]:5672/", "amqp://[::1]:5672/"),
+    ],
+)
+def test_logs_name_a_broker_without_its_password_and_ipv6_in_brackets(
+    url: str, endpoint: str, shown: str
+) -> None:
+    assert _endpoint(url) == endpoint
+    assert redacted(url) == shown
+    assert "secret" not in redacted(url)
