@@ -83,6 +83,21 @@ class BrokerAdmin:
         elif ctl := shutil.which("rabbitmqctl"):
             subprocess.run([ctl, "delete_vhost", name], check=False, capture_output=True)
 
+    def close_connections(self, client_name: str) -> int:
+        """Force-close (as an operator or a network fault would) every connection whose
+        client-provided name is ``client_name``; returns how many. Needs the management API."""
+        if not self.api_available():
+            raise BrokerUnavailable(
+                f"cannot close connections: management API at {self.management_url} is not "
+                "reachable (run `rabbitmq-plugins enable rabbitmq_management`)"
+            )
+        closed = 0
+        for connection in management_json(self, "/api/connections"):
+            if connection.get("client_properties", {}).get("connection_name") == client_name:
+                self._api("DELETE", f"/api/connections/{quote(connection['name'], safe='')}")
+                closed += 1
+        return closed
+
     def new_vhost(self) -> str:
         name = f"bangui-geo-test-{uuid.uuid4().hex[:12]}"
         self.create_vhost(name)

@@ -4,6 +4,8 @@ topology declaration, and the one-attempt connect of tools and other components.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,6 +25,7 @@ from aio_pika.exceptions import (
     ProbableAuthenticationError,
 )
 from aiormq.exceptions import ChannelPreconditionFailed
+from pamqp.common import FieldTable
 
 from shared import topology
 from shared.errors import TopologyMismatch
@@ -34,20 +37,26 @@ CONNECT_ATTEMPTS = 30
 CONNECT_DELAY_MAX = 2.0
 
 
-async def connect(url: str, *, attempts: int = CONNECT_ATTEMPTS) -> AbstractRobustConnection:
+async def connect(
+    url: str, *, attempts: int = CONNECT_ATTEMPTS, name: str | None = None
+) -> AbstractRobustConnection:
     """Connect with a bounded number of retries, so any start order of broker and services works.
 
     ``url`` may list several nodes of one cluster, comma-separated (``GEO_AMQP_URL``): each
     attempt tries them in order, and the connection then fails over to the next node in turn
-    whenever it loses its own (``_Failover``). A single URL behaves as it always did.
+    whenever it loses its own (``_Failover``). A single URL behaves as it always did. ``name``
+    is shown as the connection's client-provided name in the management UI.
     """
+    properties: FieldTable = {"connection_name": name} if name else {}
     urls = split_amqp_urls(url)
     delay = 0.2
     for attempt in range(1, attempts + 1):
         errors: list[str] = []
         for index, candidate in enumerate(urls):
             try:
-                connection = await aio_pika.connect_robust(candidate, timeout=10)
+                connection = await aio_pika.connect_robust(
+                    candidate, timeout=10, client_properties=properties
+                )
             except (TimeoutError, AMQPConnectionError, OSError) as exc:
                 if attempt == attempts and index == len(urls) - 1:
                     raise
@@ -95,6 +104,12 @@ def _endpoint(url: str) -> str:
     parts = urlsplit(url)
     default = 5671 if parts.scheme == "amqps" else 5672
     return f"{_host(parts.hostname or 'localhost')}:{parts.port or default}{parts.path or '/'}"
+
+
+def connection_name(service: str) -> str:
+    """How the management UI lists a service's connection: which service, on which host, which
+    process (``bangui-geo resolver@web-1:4711``), so an operator can tell replicas apart."""
+    return f"bangui-geo {service}@{socket.gethostname()}:{os.getpid()}"
 
 
 def _host(hostname: str) -> str:
