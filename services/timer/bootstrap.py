@@ -1,7 +1,9 @@
 """Composition root of the timer: leader election, then the two cadences under one TaskGroup.
 
 Only the timer holding the ``geo.timer.leader`` exclusive queue publishes; others wait as
-standbys and take over when the leader's connection dies (the broker drops the queue then).
+standbys and take over when the leader's connection dies (the broker drops the queue then). The
+leader checks every second that it still holds the lock: after a lost connection it reconnects
+to find a standby leading, and steps down to standby itself.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from shared.metrics import MetricsRegistry, serve_metrics
 from shared.settings import Settings
 
 STANDBY_POLL = 1.0
+LEAD_CHECK_S = 5.0
+
+Logger = structlog.typing.FilteringBoundLogger
 
 
 def cadences(settings: Settings) -> tuple[Cadence, Cadence]:
@@ -48,24 +53,60 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         metrics = await serve_metrics(settings, timer_metrics(status), amqp.healthy)
         if metrics is not None:
             resources.push_async_callback(metrics.stop)
-        announced = False
-        while not await amqp.try_lead(topology.TIMER_LEADER_QUEUE):
-            if not announced:
-                log.info("timer_standby_waiting", lock=topology.TIMER_LEADER_QUEUE)
-                announced = True
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=STANDBY_POLL)
-            if stop.is_set():
+        while await _wait_to_lead(amqp, stop, log):
+            status.leading = True
+            log.info(
+                "timer_leading",
+                flush_interval=settings.flush_interval,
+                re_resolve_interval=settings.re_resolve_interval,
+            )
+            term_over = asyncio.Event()
+            async with asyncio.TaskGroup() as group:
+                for cadence in cadences(settings):
+                    group.create_task(
+                        tick_forever(cadence, amqp.publisher, term_over, status.published)
+                    )
+                lost = await _hold_lead(amqp, stop, log)
+                term_over.set()
+            status.leading = False
+            if not lost:
                 return
-        status.leading = True
-        log.info(
-            "timer_leading",
-            flush_interval=settings.flush_interval,
-            re_resolve_interval=settings.re_resolve_interval,
-        )
-        async with asyncio.TaskGroup() as group:
-            for cadence in cadences(settings):
-                group.create_task(tick_forever(cadence, amqp.publisher, stop, status.published))
+            log.warning("timer_leadership_lost", lock=topology.TIMER_LEADER_QUEUE)
+
+
+async def _wait_to_lead(amqp: Amqp, stop: asyncio.Event, log: Logger) -> bool:
+    """Poll the lock until we hold it (True) or are stopped (False)."""
+    announced = False
+    while not stop.is_set():
+        if await _lead_check(amqp, log):
+            return True
+        if not announced:
+            log.info("timer_standby_waiting", lock=topology.TIMER_LEADER_QUEUE)
+            announced = True
+        with suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=STANDBY_POLL)
+    return False
+
+
+async def _hold_lead(amqp: Amqp, stop: asyncio.Event, log: Logger) -> bool:
+    """Check the lock every poll while leading; True once another timer holds it, False when
+    stopped. A check that cannot reach the broker changes nothing: the next one decides."""
+    while True:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=STANDBY_POLL)
+        if stop.is_set():
+            return False
+        if await _lead_check(amqp, log) is False:
+            return True
+
+
+async def _lead_check(amqp: Amqp, log: Logger) -> bool | None:
+    """Whether we hold the lock now; None when the broker could not be asked."""
+    try:
+        return await asyncio.wait_for(amqp.try_lead(topology.TIMER_LEADER_QUEUE), LEAD_CHECK_S)
+    except Exception as exc:  # reconnecting, or the broker is down: ask again next poll
+        log.info("timer_lead_check_failed", error=repr(exc))
+        return None
 
 
 @dataclass

@@ -32,6 +32,7 @@ from shared.acks import plan_acks
 from shared.amqp.connection import (
     close_quietly,
     connect,
+    connection_name,
     declare_topology,
     json_message,
     open_channel,
@@ -287,7 +288,7 @@ class Amqp:
 
     @classmethod
     async def open(cls, settings: Settings, *, service: str) -> Amqp:
-        connection = await connect(settings.amqp_url)
+        connection = await connect(settings.amqp_url, name=connection_name(service))
         channel = await open_channel(connection)
         await declare_topology(channel, settings.queue_type)
         publisher = await AmqpPublisher.create(channel, settings.publish_timeout)
@@ -374,15 +375,21 @@ class Amqp:
                 await consumer.ack(mine)
 
     async def try_lead(self, lock_name: str) -> bool:
-        """Try to become the one holder of ``lock_name``, an exclusive queue the broker deletes
-        when its holder's connection dies; False while another process holds it."""
+        """Become, or check that we still are, the one holder of ``lock_name``: an exclusive
+        queue the broker deletes when its holder's connection dies. False while another
+        connection holds it.
+
+        The queue is not part of the robust channel's restore: after a reconnect another timer
+        may hold it, and a failing restore would fail every reconnect attempt. The holder calls
+        this again instead, and steps down on False.
+        """
         channel = await self.connection.channel()
         try:
-            await channel.declare_queue(lock_name, exclusive=True, durable=False)
+            await channel.declare_queue(lock_name, exclusive=True, durable=False, robust=False)
         except ChannelLockedResource:
-            await close_quietly(channel)
             return False
-        self._channels.append(channel)
+        finally:  # the queue belongs to the connection, not to this channel
+            await close_quietly(channel)
         return True
 
     async def stop_consuming(self, drain_timeout: float) -> None:

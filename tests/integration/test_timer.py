@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from tests.broker import BrokerAdmin
 from tests.integration.support import ServiceProcess, async_poll, service_env
 
 pytestmark = pytest.mark.integration
@@ -149,3 +152,76 @@ async def test_one_active_timer_and_takeover(
     resumed_after = recorder.received[count][0] - killed_at
     assert resumed_after < 5.0
     assert standby.stop() == 0
+
+
+async def test_a_leader_cut_off_steps_down_when_it_finds_another_leading(
+    amqp_url: str,
+    broker_admin: BrokerAdmin,
+    tmp_path: Path,
+    tap: tuple[Tap, aio_pika.abc.AbstractQueue],
+) -> None:
+    """The broker drops the lock with the leader's connection; a standby takes it. When the old
+    leader's connection comes back it must not fight for the lock (a restore of the exclusive
+    queue would fail its every reconnect) nor tick alongside: it becomes the standby."""
+    recorder, _ = tap
+    first = start_timer(amqp_url, tmp_path, "first")
+    await async_poll(lambda: len(recorder.ticks("geo.flush")) >= 1, deadline_s=10, what="a tick")
+    second = start_timer(amqp_url, tmp_path, "second")
+    await async_poll(
+        lambda: has_event(second, "timer_standby_waiting"), deadline_s=10, what="second on standby"
+    )
+
+    assert first.process is not None
+    first.process.send_signal(signal.SIGSTOP)  # so it cannot reconnect before second leads
+    try:
+        name = timer_connection_name(first)
+        await async_poll(  # the management API lists a new connection within its stats interval
+            lambda: broker_admin.close_connections(name) == 1,
+            deadline_s=15,
+            what=f"connection {name!r} listed and closed",
+        )
+        await async_poll(
+            lambda: has_event(second, "timer_leading"), deadline_s=10, what="second takes over"
+        )
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+    await async_poll(
+        lambda: has_event(first, "amqp_connection_restored"), deadline_s=20, what="first reconnects"
+    )
+    await async_poll(
+        lambda: has_event(first, "timer_leadership_lost"), deadline_s=10, what="first steps down"
+    )
+    await async_poll(
+        lambda: has_event(first, "timer_standby_waiting"),
+        deadline_s=10,
+        what="first on standby",
+    )
+    assert first.running
+    assert "RESOURCE_LOCKED" not in first.log_path.read_text()  # no reconnect fighting the lock
+
+    before = len(recorder.ticks("geo.flush"))
+    await asyncio.sleep(FLUSH * 6)
+    epochs = tick_epochs(recorder.ticks("geo.flush")[before:])
+    assert len(epochs) >= 4
+    assert [round(b - a, 3) for a, b in itertools.pairwise(epochs)] == [FLUSH] * (len(epochs) - 1)
+
+    second.kill()  # and the stepped-down timer is a working standby
+    count = len(recorder.received)
+    await async_poll(
+        lambda: len(events(first, "timer_leading")) >= 2, deadline_s=10, what="first leads again"
+    )
+    await async_poll(lambda: len(recorder.received) > count, deadline_s=10, what="ticks resume")
+    assert first.stop() == 0
+
+
+def events(process: ServiceProcess, name: str) -> list[dict[str, object]]:
+    return [e for e in process.log_events() if e.get("event") == name]
+
+
+def has_event(process: ServiceProcess, name: str) -> bool:
+    return bool(events(process, name))
+
+
+def timer_connection_name(process: ServiceProcess) -> str:
+    assert process.process is not None
+    return f"bangui-geo timer@{socket.gethostname()}:{process.process.pid}"
