@@ -26,6 +26,7 @@ from bench.machine import CpuWatch, describe
 from bench.memory import run_memory
 from bench.persistence import run_persistence
 from bench.report import HEADER, Figure, Label, render, write_json
+from bench.services import py_spy
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,14 @@ class Scenario:
     run: Runner
 
 
-def scenarios(sizes: Sizes, tail_flush_interval: float) -> list[Scenario]:
+def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -> list[Scenario]:
     async def single(pool: VhostPool, work: Path) -> list[Figure]:
         plan = single_ip_plan(sizes.single_messages, tail_flush_interval)
-        return [await run_drain(plan, pool.new("single"), work / "single")]
+        return [await run_drain(plan, pool.new("single"), work / "single", profile=profile)]
 
     async def bulk(pool: VhostPool, work: Path) -> list[Figure]:
         plan = bulk_plan(sizes.bulk_messages, tail_flush_interval)
-        return [await run_drain(plan, pool.new("bulk"), work / "bulk")]
+        return [await run_drain(plan, pool.new("bulk"), work / "bulk", profile=profile)]
 
     async def persistence(pool: VhostPool, work: Path) -> list[Figure]:
         return await run_persistence(sizes.upsert_batches, sizes.upsert_rounds, work / "sqlite")
@@ -111,7 +112,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workdir", type=Path, help="keep databases and service logs here (default: a temp dir)"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="attach py-spy to every service of the single and bulk drains and write a flame "
+        "graph per service (SCENARIO/SERVICE.profile.svg) into --workdir; the figures of a "
+        "profiled run are not comparable",
+    )
+    args = parser.parse_args(argv)
+    if args.profile and args.workdir is None:
+        parser.error("--profile writes its flame graphs into --workdir: give one")
+    if args.profile and py_spy() is None:
+        parser.error("--profile needs py-spy (pip install py-spy, or the [test] extra)")
+    return args
 
 
 WORK_DIRS = ("single", "bulk", "sqlite", "ipapi", "latency")
@@ -137,7 +150,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
 
     chosen = [
         s
-        for s in scenarios(sizes, args.tail_flush_interval)
+        for s in scenarios(sizes, args.tail_flush_interval, args.profile)
         if not args.only or s.name in args.only
     ]
     figures: list[Figure] = []

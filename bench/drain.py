@@ -90,7 +90,9 @@ def bulk_plan(messages: int, tail_flush_interval: float) -> DrainPlan:
     )
 
 
-async def run_drain(plan: DrainPlan, amqp_url: str, workdir: Path) -> Figure:
+async def run_drain(
+    plan: DrainPlan, amqp_url: str, workdir: Path, *, profile: bool = False
+) -> Figure:
     figure = Figure(
         plan.key,
         plan.title,
@@ -118,8 +120,10 @@ async def run_drain(plan: DrainPlan, amqp_url: str, workdir: Path) -> Figure:
         workdir / "geo_cache.sqlite3",
         workdir,
         env={"GEO_FLUSH_INTERVAL": str(plan.tail_flush_interval)},
+        profile=profile,
     )
     status, codes = await asyncio.to_thread(drain_with_services, services, plan)
+    graphs = await asyncio.to_thread(services.flame_graphs)
 
     started = event_time(services.events("resolver", "amqp_connected")[0])
     ready = event_time(services.events("resolver", "resolver_ready")[0])
@@ -167,6 +171,11 @@ async def run_drain(plan: DrainPlan, amqp_url: str, workdir: Path) -> Figure:
         f"(peak {fmt(status.get('VmHWM', 0) / 2**20)} MiB) holding {plan.ips:,} IPs; "
         f"exit codes {codes}",
     ]
+    if profile:
+        figure.details.append(
+            "profiled (py-spy, figures not comparable): "
+            + ", ".join(f"{name} {path or 'no flame graph'}" for name, path in graphs.items())
+        )
     return figure
 
 

@@ -7,7 +7,10 @@ each ``geo_upserts_applied`` commit), so polling intervals do not blur the figur
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -46,6 +49,38 @@ class ServiceFailed(RuntimeError):
     pass
 
 
+def py_spy() -> str | None:
+    """The py-spy executable: beside this Python (a virtualenv's bin), else on PATH."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+@dataclass
+class Profiler:
+    """py-spy attached to one service: samples every thread until the service exits, then writes
+    a flame graph. It pauses nothing (``--nonblocking``), but it takes CPU from the services, so
+    figures measured under it are not comparable with plain runs."""
+
+    output: Path
+    process: subprocess.Popen[bytes]
+
+    @classmethod
+    def attach(cls, executable: str, pid: int, output: Path) -> Profiler:
+        log = output.with_suffix(".py-spy.log").open("wb")
+        command = [executable, "record", "--pid", str(pid), "--output", str(output)]
+        command += ["--rate", "200", "--threads", "--nonblocking"]
+        return cls(output, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+
+    def wait(self, timeout: float = 30.0) -> Path | None:
+        """The flame graph once py-spy has written it (it exits with its target), else None."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return None
+        return self.output if self.output.exists() else None
+
+
 @dataclass
 class Services:
     """The services of one scenario: one vhost, one SQLite file, logs in ``log_dir``."""
@@ -54,7 +89,9 @@ class Services:
     db_path: Path
     log_dir: Path
     env: dict[str, str] = field(default_factory=dict)
+    profile: bool = False  # attach py-spy to each service started (flame graphs in log_dir)
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    profilers: dict[str, Profiler] = field(default_factory=dict)
 
     def start(self, name: str, **env: str) -> ServiceProcess:
         overrides = {"GEO_RE_RESOLVE_INTERVAL": QUIET_RE_RESOLVE_S, **self.env, **env}
@@ -64,6 +101,13 @@ class Services:
             self.log_dir / f"{name}.log",
         ).start()
         self.processes[name] = process
+        if self.profile:
+            executable = py_spy()
+            if executable is None:
+                raise ServiceFailed("--profile needs py-spy: pip install py-spy")
+            assert process.process is not None
+            output = self.log_dir / f"{name}.profile.svg"
+            self.profilers[name] = Profiler.attach(executable, process.process.pid, output)
         return process
 
     def events(self, name: str, event: str | None = None) -> list[dict[str, Any]]:
@@ -111,6 +155,10 @@ class Services:
         for process in self.processes.values():
             if process.running:
                 process.kill()
+
+    def flame_graphs(self) -> dict[str, Path | None]:
+        """After the services stopped: each profiled service's flame graph (None if missing)."""
+        return {name: profiler.wait() for name, profiler in self.profilers.items()}
 
 
 def row_count(db_path: Path) -> int:

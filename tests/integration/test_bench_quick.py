@@ -67,6 +67,35 @@ def test_quick_benchmark_prints_every_figure(broker_admin: BrokerAdmin, tmp_path
     assert not _vhosts_with_prefix(broker_admin, vhosts.group(1)), "the run's vhosts are deleted"
 
 
+def test_profile_writes_a_flame_graph_per_service(
+    broker_admin: BrokerAdmin, tmp_path: Path
+) -> None:
+    """``--profile`` is how the optimizations of issue 6 were found: keep it working."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEO_")}
+    env.update(
+        GEO_BENCH_AMQP_URL=broker_admin.amqp_url,
+        GEO_BENCH_MANAGEMENT_URL=broker_admin.management_url,
+    )
+    command = [sys.executable, "-m", "bench", "--quick", "--only", "bulk", "--profile"]
+    result = subprocess.run(
+        [*command, "--workdir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "profiled (py-spy, figures not comparable)" in result.stdout
+    for service in ("resolver", "timer", "persistence"):
+        graph = tmp_path / "bulk" / f"{service}.profile.svg"
+        assert graph.exists(), f"no flame graph for {service}:\n{result.stdout}"
+        text = graph.read_text()
+        assert "<svg" in text
+        assert f"services/{service}/" in text  # samples of the service's own code
+
+
 def _vhosts_with_prefix(admin: BrokerAdmin, prefix: str) -> list[str]:
     """Vhosts whose name starts with ``prefix`` (management API, or rabbitmqctl without it)."""
     if admin.api_available():
