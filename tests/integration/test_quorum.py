@@ -56,9 +56,10 @@ async def test_pipeline_on_quorum_queues(quorum: Replicas, broker_admin: BrokerA
     await logged(writer, "persistence_ready", "first persistence ready")
     standby = quorum.start("persistence", "persistence-2")
     resolver = quorum.start("resolver", "resolver")
-    quorum.start("timer", "timer")
+    timer = quorum.start("timer", "timer")
     await logged(standby, "persistence_ready", "second persistence ready")
     await logged(resolver, "resolver_ready", "resolver ready")
+    await logged(timer, "timer_leading", "timer holds its lock queue")
 
     by_name = {q["name"]: q for q in await vhost_queues(broker_admin, url)}
     for name in DURABLE:
