@@ -1,5 +1,6 @@
 """``SqliteGeoRepository`` on a real SQLite file: the upsert rules, one commit per batch, batches
-bigger than one statement, atomicity, and the migration of the original BanGUI table."""
+bigger than one statement (atomic, never sharing a transaction, safe to cancel), and the
+migration of the original BanGUI table."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 
 from services.persistence.repository import SqliteGeoRepository, max_rows_per_statement
 from shared.messages import GeoRow, Resolution, iso_utc
+
+pytestmark = pytest.mark.integration
 
 T0 = datetime(2027, 1, 15, 8, 0, tzinfo=UTC)
 
@@ -171,6 +174,29 @@ async def test_a_small_batch_never_joins_a_big_batchs_transaction(db_path: Path)
         assert set(stored(db_path)) == {r.ip for b in smalls for r in b}
     finally:
         await repo.close()
+
+
+async def test_a_big_batch_cancelled_while_waiting_for_the_lock_leaves_no_transaction_open(
+    db_path: Path,
+) -> None:
+    """Its BEGIN still runs once the lock frees; were it left open, later batches would be
+    acked but never committed."""
+    repo = await SqliteGeoRepository.open(db_path, rows_per_statement=3)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        big = asyncio.create_task(repo.upsert_many([row(f"11.0.0.{i}") for i in range(1, 8)]))
+        await asyncio.sleep(0.2)  # the BEGIN IMMEDIATE is waiting on the busy timeout
+        big.cancel()
+        other.execute("COMMIT")
+        with pytest.raises(asyncio.CancelledError):
+            await big
+        await repo.upsert_many([row("12.0.0.1")])
+        assert set(stored(db_path)) == {"12.0.0.1"}
+    finally:
+        other.close()
+        await repo.close()
+    assert set(stored(db_path)) == {"12.0.0.1"}
 
 
 async def test_an_original_bangui_table_is_migrated_in_place(db_path: Path) -> None:
