@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from contextlib import AsyncExitStack, suppress
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -24,7 +24,7 @@ from shared.metrics import MetricsRegistry, serve_metrics
 from shared.settings import Settings
 
 STANDBY_POLL = 1.0
-LEAD_CHECK_S = 5.0
+LEAD_CHECK_S = 2.0
 
 Logger = structlog.typing.FilteringBoundLogger
 
@@ -53,7 +53,9 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         metrics = await serve_metrics(settings, timer_metrics(status), amqp.healthy)
         if metrics is not None:
             resources.push_async_callback(metrics.stop)
-        while await _wait_to_lead(amqp, stop, log):
+        reconnected = asyncio.Event()  # a leader checks its lock at once after a reconnect
+        amqp.on_reconnect(reconnected.set)
+        while await wait_to_lead(amqp, stop, log):
             status.leading = True
             log.info(
                 "timer_leading",
@@ -66,7 +68,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                     group.create_task(
                         tick_forever(cadence, amqp.publisher, term_over, status.published)
                     )
-                lost = await _hold_lead(amqp, stop, log)
+                lost = await hold_lead(amqp, stop, reconnected, log)
                 term_over.set()
             status.leading = False
             if not lost:
@@ -74,39 +76,52 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             log.warning("timer_leadership_lost", lock=topology.TIMER_LEADER_QUEUE)
 
 
-async def _wait_to_lead(amqp: Amqp, stop: asyncio.Event, log: Logger) -> bool:
+async def wait_to_lead(amqp: Amqp, stop: asyncio.Event, log: Logger) -> bool:
     """Poll the lock until we hold it (True) or are stopped (False)."""
     announced = False
     while not stop.is_set():
-        if await _lead_check(amqp, log):
+        if await lead_check(amqp, log):
             return True
         if not announced:
             log.info("timer_standby_waiting", lock=topology.TIMER_LEADER_QUEUE)
             announced = True
-        with suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=STANDBY_POLL)
+        await first_set(stop, within=STANDBY_POLL)
     return False
 
 
-async def _hold_lead(amqp: Amqp, stop: asyncio.Event, log: Logger) -> bool:
-    """Check the lock every poll while leading; True once another timer holds it, False when
-    stopped. A check that cannot reach the broker changes nothing: the next one decides."""
+async def hold_lead(
+    amqp: Amqp, stop: asyncio.Event, reconnected: asyncio.Event, log: Logger
+) -> bool:
+    """Check the lock every poll, and at once after a reconnect, while leading: True once
+    another timer holds it, False when stopped. A check that cannot reach the broker changes
+    nothing: the next one decides."""
     while True:
-        with suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=STANDBY_POLL)
+        await first_set(stop, reconnected, within=STANDBY_POLL)
         if stop.is_set():
             return False
-        if await _lead_check(amqp, log) is False:
+        reconnected.clear()
+        if await lead_check(amqp, log) is False:
             return True
 
 
-async def _lead_check(amqp: Amqp, log: Logger) -> bool | None:
-    """Whether we hold the lock now; None when the broker could not be asked."""
+async def lead_check(amqp: Amqp, log: Logger) -> bool | None:
+    """Whether we hold the lock now; None when the broker could not be asked (bounded, so a
+    shutdown waits at most ``LEAD_CHECK_S`` for a check in flight)."""
     try:
         return await asyncio.wait_for(amqp.try_lead(topology.TIMER_LEADER_QUEUE), LEAD_CHECK_S)
     except Exception as exc:  # reconnecting, or the broker is down: ask again next poll
         log.info("timer_lead_check_failed", error=repr(exc))
         return None
+
+
+async def first_set(*events: asyncio.Event, within: float) -> None:
+    """Return when one of ``events`` is set or after ``within`` seconds."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 @dataclass

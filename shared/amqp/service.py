@@ -392,6 +392,10 @@ class Amqp:
             await close_quietly(channel)
         return True
 
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time the robust connection has been restored."""
+        self.connection.reconnect_callbacks.add(lambda *_: callback())
+
     async def stop_consuming(self, drain_timeout: float) -> None:
         deadline = time.monotonic() + drain_timeout
         for consumer in self.consumers:
