@@ -16,7 +16,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tests.integration.support import ServiceProcess, service_env
 
@@ -63,13 +63,14 @@ class Profiler:
 
     output: Path
     process: subprocess.Popen[bytes]
+    log: IO[bytes]
 
     @classmethod
     def attach(cls, executable: str, pid: int, output: Path) -> Profiler:
-        log = output.with_suffix(".py-spy.log").open("wb")
+        log = output.with_suffix(".py-spy.log").open("wb")  # why, if no graph (e.g. no ptrace)
         command = [executable, "record", "--pid", str(pid), "--output", str(output)]
         command += ["--rate", "200", "--threads", "--nonblocking"]
-        return cls(output, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+        return cls(output, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log)
 
     def wait(self, timeout: float = 30.0) -> Path | None:
         """The flame graph once py-spy has written it (it exits with its target), else None."""
@@ -77,7 +78,9 @@ class Profiler:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            return None
+            self.process.wait()
+        finally:
+            self.log.close()
         return self.output if self.output.exists() else None
 
 

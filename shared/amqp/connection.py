@@ -25,7 +25,6 @@ from aio_pika.exceptions import (
     ProbableAuthenticationError,
 )
 from aiormq.exceptions import ChannelPreconditionFailed
-from pamqp.common import FieldTable
 
 from shared import topology
 from shared.errors import TopologyMismatch
@@ -47,7 +46,7 @@ async def connect(
     whenever it loses its own (``_Failover``). A single URL behaves as it always did. ``name``
     is shown as the connection's client-provided name in the management UI.
     """
-    properties: FieldTable = {"connection_name": name} if name else {}
+    properties: dict[str, Any] = {"connection_name": name} if name else {}
     urls = split_amqp_urls(url)
     delay = 0.2
     for attempt in range(1, attempts + 1):
