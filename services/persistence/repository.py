@@ -69,15 +69,16 @@ WHERE excluded.cached_at >= geo_cache.cached_at
   AND (excluded.country_code IS NOT NULL OR geo_cache.country_code IS NULL)
 """
 
-# One row per execution: the statement of the bare executemany baseline in bench/.
-UPSERT = f"INSERT INTO geo_cache ({', '.join(ROW_COLUMNS)}) VALUES {VALUES_ROW}{ON_CONFLICT}"
-
 
 @lru_cache(maxsize=STATEMENT_CACHE)
 def upsert_sql(rows: int) -> str:
     """The upsert of ``rows`` rows in one statement (sqlite3 caches the prepared statement)."""
     values = ", ".join([VALUES_ROW] * rows)
     return f"INSERT INTO geo_cache ({', '.join(ROW_COLUMNS)}) VALUES {values}{ON_CONFLICT}"
+
+
+# One row per execution: the statement of the bare executemany baseline in bench/.
+UPSERT = upsert_sql(1)
 
 
 def max_rows_per_statement() -> int:
