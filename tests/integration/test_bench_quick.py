@@ -36,22 +36,8 @@ LABELS = r"(PASS|MISS|INFO|not measured \(stand-in not available\))"
 
 
 def test_quick_benchmark_prints_every_figure(broker_admin: BrokerAdmin, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GEO_")}
-    env.update(
-        GEO_BENCH_AMQP_URL=broker_admin.amqp_url,
-        GEO_BENCH_MANAGEMENT_URL=broker_admin.management_url,
-        PYTHONUNBUFFERED="1",
-    )
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_bench(broker_admin, "--quick", "--json", str(out))
     printed = result.stdout + result.stderr
     assert result.returncode == 0, printed
     for key in FIGURES:
@@ -71,20 +57,8 @@ def test_profile_writes_a_flame_graph_per_service(
     broker_admin: BrokerAdmin, tmp_path: Path
 ) -> None:
     """``--profile`` is how the optimizations of issue 6 were found: keep it working."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GEO_")}
-    env.update(
-        GEO_BENCH_AMQP_URL=broker_admin.amqp_url,
-        GEO_BENCH_MANAGEMENT_URL=broker_admin.management_url,
-    )
-    command = [sys.executable, "-m", "bench", "--quick", "--only", "bulk", "--profile"]
-    result = subprocess.run(
-        [*command, "--workdir", str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_bench(
+        broker_admin, "--quick", "--only", "bulk", "--profile", "--workdir", str(tmp_path)
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "profiled (py-spy, figures not comparable)" in result.stdout
@@ -94,6 +68,25 @@ def test_profile_writes_a_flame_graph_per_service(
         text = graph.read_text()
         assert "<svg" in text
         assert f"services/{service}/" in text  # samples of the service's own code
+
+
+def run_bench(admin: BrokerAdmin, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench ARGS`` against the test broker, as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEO_")}
+    env.update(
+        GEO_BENCH_AMQP_URL=admin.amqp_url,
+        GEO_BENCH_MANAGEMENT_URL=admin.management_url,
+        PYTHONUNBUFFERED="1",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def _vhosts_with_prefix(admin: BrokerAdmin, prefix: str) -> list[str]:
