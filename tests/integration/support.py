@@ -22,6 +22,15 @@ import aio_pika
 from tests.broker import BrokerAdmin, management_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The contract's durable queues, spelled out (not taken from shared.topology) so that a renamed
+# queue fails the tests that check how the broker holds them.
+DURABLE_QUEUES = (
+    "geo.resolver.ip_seen",
+    "geo.resolver.retry",
+    "geo.persistence.upsert",
+    "geo.persistence.re_resolve",
+    "geo.dead_letter",
+)
 T = TypeVar("T")
 
 

@@ -23,6 +23,7 @@ import pytest
 from shared.amqp import BrokerUnreachable, connect_once
 from tests.integration.rabbit_nodes import Node, prepare_home
 from tests.integration.support import (
+    DURABLE_QUEUES,
     ServiceProcess,
     async_poll,
     drain_queue,
@@ -40,13 +41,6 @@ pytestmark = pytest.mark.integration
 
 COOKIE = "BANGUIGEOCLUSTERTESTCOOKIE"
 NODES = (("geo-a", 5681), ("geo-b", 5682), ("geo-c", 5683))
-DURABLE = (
-    "geo.resolver.ip_seen",
-    "geo.resolver.retry",
-    "geo.persistence.upsert",
-    "geo.persistence.re_resolve",
-    "geo.dead_letter",
-)
 
 
 @dataclass
@@ -118,7 +112,7 @@ async def test_stopping_the_node_the_services_use_loses_nothing(
         await logged(services["resolver"], "resolver_ready", "resolver ready", 20)
         await logged(services["timer"], "timer_leading", "timer leading", 20)
         queues = await asyncio.to_thread(cluster.queues, via=b)
-        for name in DURABLE:
+        for name in DURABLE_QUEUES:
             assert queues[name]["type"] == "quorum", name
             assert sorted(queues[name]["members"]) == sorted(n.nodename for n in cluster.nodes)
         resolver = services["resolver"]
@@ -137,6 +131,9 @@ async def test_stopping_the_node_the_services_use_loses_nothing(
         await asyncio.to_thread(doomed.ctl, "stop_app")
         assert not publisher.done(), "the stream ended before the node was stopped"
         await publisher  # its node stays up; its confirms wait for the queues' new leaders
+        # The writer must be back on its queues first: a standby registering before it would
+        # rightly be handed them (single active consumer), and the check below would not hold.
+        await logged(services["persistence"], "amqp_connection_restored", "writer back", 20)
         # A service started now tries the list in order and connects to the next node.
         standby = ServiceProcess("persistence", env, tmp_path / "persistence-2.log").start()
         services["persistence-2"] = standby
@@ -165,7 +162,7 @@ async def test_stopping_the_node_the_services_use_loses_nothing(
         assert not events(standby, "geo_upserts_applied"), "the standby wrote beside the writer"
         assert await drain_queue(b.url, "geo.dead_letter") == []
         after = await asyncio.to_thread(cluster.queues, via=b)
-        for name in DURABLE:
+        for name in DURABLE_QUEUES:
             assert not after[name]["leader"].startswith(f"{a.name}@"), (name, after[name])
         for name, process in services.items():
             assert process.stop() == 0, name

@@ -16,6 +16,7 @@ import pytest
 
 from tests.broker import BrokerAdmin
 from tests.integration.support import (
+    DURABLE_QUEUES,
     async_poll,
     drain_queue,
     events,
@@ -30,14 +31,6 @@ from tests.integration.test_pipeline import expected_row
 from tests.integration.test_scale_out import Replicas, logged
 
 pytestmark = pytest.mark.integration
-
-DURABLE = (
-    "geo.resolver.ip_seen",
-    "geo.resolver.retry",
-    "geo.persistence.upsert",
-    "geo.persistence.re_resolve",
-    "geo.dead_letter",
-)
 
 
 @pytest.fixture
@@ -62,7 +55,7 @@ async def test_pipeline_on_quorum_queues(quorum: Replicas, broker_admin: BrokerA
     await logged(timer, "timer_leading", "timer holds its lock queue")
 
     by_name = {q["name"]: q for q in await vhost_queues(broker_admin, url)}
-    for name in DURABLE:
+    for name in DURABLE_QUEUES:
         assert by_name[name]["type"] == "quorum", name
         assert by_name[name]["durable"] is True
         assert by_name[name]["arguments"]["x-queue-type"] == "quorum"
