@@ -90,7 +90,7 @@ def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Side-by-side benchmark of bangui-geo against bare baselines (issue 6). "
+        description="Side-by-side benchmark of bangui-geo against bare baselines, measured in the same run. "
         "Broker: GEO_BENCH_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/), management "
         "API: GEO_BENCH_MANAGEMENT_URL (default http://<host>:15672).",
     )
@@ -139,7 +139,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         **describe(broker_version(admin)),
         "broker": masked(admin.amqp_url),
     }
-    print("bangui-geo benchmark (issue 6): project vs bare baseline, same broker, same run")
+    print("bangui-geo benchmark: project vs bare baseline, same broker, same run")
     for key, value in header.items():
         print(f"  {key:<9} {value}")
     pool = VhostPool(admin)

@@ -56,7 +56,7 @@ def test_quick_benchmark_prints_every_figure(broker_admin: BrokerAdmin, tmp_path
 def test_profile_writes_a_flame_graph_per_service(
     broker_admin: BrokerAdmin, tmp_path: Path
 ) -> None:
-    """``--profile`` is how the optimizations of issue 6 were found: keep it working."""
+    """``--profile`` is how the drain optimizations were found: keep it working."""
     result = run_bench(
         broker_admin, "--quick", "--only", "bulk", "--profile", "--workdir", str(tmp_path)
     )

@@ -1,4 +1,4 @@
-"""The issue's "done when" for ip-api: the three services as subprocesses on a real broker, with
+"""ip-api end to end: the three services as subprocesses on a real broker, with
 ``GEO_PROVIDER=ip-api`` pointed at the stand-in (short window). IPs seen during an outage become
 NULL rows; once the stand-in recovers, re-resolve brings them back, and the limit is never hit."""
 
@@ -115,7 +115,7 @@ async def test_outage_rows_come_back_through_re_resolve_without_breaking_the_lim
     statuses = [r.status for r in records]
     sent = [ip for r in records for ip in r.ips]
     average = len(sent) / len(records)
-    print(  # the figures the issue asks for; shown with pytest -s
+    print(  # request counts and batch fill; shown with pytest -s
         f"\npipeline: {len(records)} requests ({outage_requests} during the outage), "
         f"avg batch {average:.1f}, 429: {statuses.count(429)}, 422: {statuses.count(422)}"
     )

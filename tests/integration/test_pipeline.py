@@ -120,7 +120,7 @@ async def test_mixed_burst_becomes_exact_rows_and_malformed_is_dead_lettered(
     step = len(bodies) // len(malformed)
     for i, bad in enumerate(malformed):
         bodies.insert((i + 1) * step, bad)
-    assert len(bodies) > 3000  # the burst: about 3,000 mixed messages
+    assert len(bodies) > 3000  # a burst of over 3,000 mixed messages
     await publish(pipeline.amqp_url, "ip.seen", bodies)
     pipeline.start("resolver")
 

@@ -87,7 +87,7 @@ async def test_burst_of_5000_is_coalesced_into_full_batches_within_the_limit() -
     for (_, chunk), got in zip(calls, results, strict=True):
         assert got == {ip: expected_geo(ip) for ip in chunk if ip in wanted}
     sent = api.ips_sent()
-    print(  # the figures the issue asks for; shown with pytest -s
+    print(  # request counts and batch fill; shown with pytest -s
         f"\nburst: {len(api.records)} requests, avg batch {api.average_batch():.1f}, "
         f"statuses {dict(api.statuses())}, {elapsed:.2f}s"
     )
