@@ -19,6 +19,7 @@ WORKDIR /app
 
 # The project and its runtime dependencies only (no test extra).
 COPY pyproject.toml README.md ./
+COPY bangui_geo/ bangui_geo/
 COPY shared/ shared/
 COPY services/ services/
 RUN pip install . \

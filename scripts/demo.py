@@ -1,26 +1,97 @@
 """Bring the whole pipeline up locally, feed it a sample of ip.seen events, watch rows arrive
 and print the "bans by country" summary. Run through ``scripts/demo`` (which also installs the
-project and starts RabbitMQ); ``--once`` exits after the summary instead of running on."""
+project and starts RabbitMQ); ``--once`` exits after the summary instead of running on.
+
+The demo runs in a vhost of its own (``bangui-geo-demo`` on the broker of ``GEO_AMQP_URL``),
+created at start and deleted at the end, so a rerun starts from empty queues and counts only the
+rows it wrote itself."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import ipaddress
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aio_pika
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("persistence", "resolver", "timer")
+DEMO_VHOST = "bangui-geo-demo"
+# Well-known addresses in the sample, so `bangui-geo lookup 8.8.8.8` finds a row afterwards.
+KNOWN = ["8.8.8.8", "1.1.1.1", "9.9.9.9"]
+
+
+class DemoVhost:
+    """The demo's own vhost on the broker, through the management API or else rabbitmqctl."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.user = unquote(parts.username or "guest")
+        self.password = unquote(parts.password or "guest")
+        self.api = f"http://{parts.hostname or 'localhost'}:15672"
+        self.url = urlunsplit(
+            (parts.scheme, parts.netloc, "/" + quote(DEMO_VHOST, safe=""), "", "")
+        )
+
+    def _call(self, method: str, path: str, body: object | None = None) -> None:
+        request = urllib.request.Request(
+            self.api + path, None if body is None else json.dumps(body).encode(), method=method
+        )
+        token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+    def _ctl(self, *args: str) -> None:
+        ctl = shutil.which("rabbitmqctl")
+        if ctl is None:
+            raise RuntimeError(
+                f"cannot manage vhost {DEMO_VHOST}: no management API at {self.api} and no "
+                "rabbitmqctl (run `rabbitmq-plugins enable rabbitmq_management`)"
+            )
+        subprocess.run([ctl, *args], check=True, capture_output=True)
+
+    def create(self) -> None:
+        self.delete()  # what an interrupted earlier run left
+        name = quote(DEMO_VHOST, safe="")
+        try:
+            self._call("PUT", f"/api/vhosts/{name}")
+            self._call(
+                "PUT",
+                f"/api/permissions/{name}/{quote(self.user, safe='')}",
+                {"configure": ".*", "write": ".*", "read": ".*"},
+            )
+        except (urllib.error.URLError, OSError):
+            self._ctl("add_vhost", DEMO_VHOST)
+            self._ctl("set_permissions", "-p", DEMO_VHOST, self.user, ".*", ".*", ".*")
+
+    def delete(self) -> None:
+        try:
+            self._call("DELETE", f"/api/vhosts/{quote(DEMO_VHOST, safe='')}")
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise
+        except (urllib.error.URLError, OSError):
+            if shutil.which("rabbitmqctl"):
+                subprocess.run(
+                    ["rabbitmqctl", "delete_vhost", DEMO_VHOST], check=False, capture_output=True
+                )
 
 
 def sample_events(count: int, seed: int = 2026) -> tuple[list[bytes], set[str]]:
@@ -35,6 +106,7 @@ def sample_events(count: int, seed: int = 2026) -> tuple[list[bytes], set[str]]:
         f"2a0{rng.randint(0, 9)}:{rng.getrandbits(16):x}::{rng.getrandbits(16):x}"
         for _ in range(50)
     ]
+    v4 += KNOWN
     private = ["10.0.0.8", "192.168.1.20", "172.16.5.4", "127.0.0.1", "fd12:3456::1", "100.64.0.9"]
     mapped = [f"::ffff:{ip}" for ip in v4[:20]]
     bodies: list[dict[str, object]] = [{"ip": ip, "source": "demo", "jail": "sshd"} for ip in v4]
@@ -84,13 +156,15 @@ async def dead_letters(url: str) -> int:
         return int(queue.declaration_result.message_count or 0)
 
 
-def count_rows(db_path: Path, ips: set[str]) -> tuple[int, int]:
-    """(rows for the sample's IPs, of which resolved)."""
+def count_rows(db_path: Path, ips: set[str], since: str) -> tuple[int, int]:
+    """(rows for the sample's IPs written by this run, of which resolved)."""
     if not db_path.exists():
         return 0, 0
     with sqlite3.connect(db_path, timeout=5) as db:
         try:
-            rows = db.execute("SELECT ip, country_code FROM geo_cache").fetchall()
+            rows = db.execute(
+                "SELECT ip, country_code FROM geo_cache WHERE cached_at >= ?", (since,)
+            ).fetchall()
         except sqlite3.OperationalError:
             return 0, 0
     mine = [r for r in rows if r[0] in ips]
@@ -123,14 +197,17 @@ def main() -> int:
     env.setdefault("GEO_FLUSH_INTERVAL", "2")
     env.setdefault("GEO_RE_RESOLVE_INTERVAL", "30")
     env.setdefault("GEO_LOG_FORMAT", "json")
-    url = env.setdefault("GEO_AMQP_URL", "amqp://guest:guest@localhost:5672/")
+    vhost = DemoVhost(env.get("GEO_AMQP_URL") or "amqp://guest:guest@localhost:5672/")
+    vhost.create()
+    url = env["GEO_AMQP_URL"] = vhost.url
     db_path = Path(env.setdefault("GEO_DB_PATH", "data/geo_cache.sqlite3"))
     if not db_path.is_absolute():
         db_path = REPO_ROOT / db_path
     logs = db_path.parent / "demo-logs"
     logs.mkdir(parents=True, exist_ok=True)
 
-    print(f"==> starting resolver, timer and persistence (logs in {logs})")
+    since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    print(f"==> starting resolver, timer and persistence on vhost {DEMO_VHOST} (logs in {logs})")
     processes = {
         name: subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
@@ -149,7 +226,7 @@ def main() -> int:
         deadline = time.monotonic() + 90
         last = (-1, -1)
         while time.monotonic() < deadline:
-            rows, resolved = count_rows(db_path, expected)
+            rows, resolved = count_rows(db_path, expected, since)
             if (rows, resolved) != last:
                 print(f"    geo_cache: {rows:>5} of {len(expected)} rows, {resolved} resolved")
                 last = (rows, resolved)
@@ -182,7 +259,8 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
                 print(f"{name} did not stop within 10 s", file=sys.stderr)
-        print("==> services stopped")
+        vhost.delete()
+        print(f"==> services stopped, vhost {DEMO_VHOST} removed")
 
 
 def _interrupt(_signum: int, _frame: object) -> None:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from services.cli import database, deadletters
+from services.cli import backup, database, deadletters
 from services.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
 from services.cli.inputs import InputError, from_arguments
 from services.cli.publish import PublishRequest, publish
+from services.cli.table import thousands
 from shared.amqp import (
     BrokerError,
     connect_once,
@@ -35,6 +36,7 @@ from shared.settings import Settings, SettingsError, load_settings
 
 PROG = "bangui-geo"
 SERVICES = ("resolver", "timer", "persistence")
+STATS_TOP = 20
 CONNECT_TIMEOUT = 5.0  # one attempt: a tool fails fast instead of retrying like a service
 
 
@@ -82,7 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     stats = commands.add_parser(
         "stats", parents=[db], help="IPs by country, unresolved count, newest row"
     )
-    stats.add_argument("--top", type=_positive, metavar="N", help="show the N largest countries")
+    shown = stats.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--top",
+        type=_positive,
+        default=STATS_TOP,
+        metavar="N",
+        help=f"show the N largest countries (default {STATS_TOP}), the rest as one line",
+    )
+    shown.add_argument("--all", action="store_true", help="show every country")
+
+    copy = commands.add_parser(
+        "backup",
+        parents=[db],
+        help="copy geo_cache to FILE, consistent while persistence writes",
+        description="An online backup (one SQLite snapshot, checked with integrity_check) into "
+        "FILE, written beside it first and renamed into place. Restore: stop persistence, "
+        "replace GEO_DB_PATH with the copy (removing its -wal and -shm files), start it again.",
+    )
+    copy.add_argument("file", type=Path, metavar="FILE", help="where the copy goes")
+    copy.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
     dead = commands.add_parser("dead-letters", help="inspect or replay geo.dead_letter")
     dead_commands = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
@@ -160,7 +181,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "stats":
         with closing(database.open_read_only(settings.db_path)) as db:
             stats = database.read_stats(db)
-        print(database.render_stats(stats, datetime.now(UTC), top=args.top))
+        top = None if args.all else int(args.top)
+        print(database.render_stats(stats, datetime.now(UTC), top=top))
+    elif args.command == "backup":
+        result = backup.backup(settings.db_path, args.file, overwrite=bool(args.force))
+        print(
+            f"backed up {thousands(result.rows)} rows of {settings.db_path} to {result.target}"
+            f" ({thousands(result.size_bytes)} bytes, integrity ok)"
+        )
     elif args.command == "dead-letters":
         asyncio.run(_dead_letters(args, settings))
     return EXIT_OK

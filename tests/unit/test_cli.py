@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -475,3 +476,81 @@ def test_progress_bar() -> None:
     quiet.advance(10)
     quiet.finish()
     assert silent.getvalue() == ""
+
+
+# --- stats: how many countries are shown ------------------------------------------------------
+
+
+@pytest.fixture
+async def many_countries(tmp_path: Path) -> Path:
+    """25 countries, country number i holding i + 1 IPs: AA .. AY."""
+    path = tmp_path / "countries.sqlite3"
+    codes = [f"A{chr(ord('A') + i)}" for i in range(25)]
+    rows = [
+        row(f"198.18.{i}.{n}", code, f"Land {code}", Resolution.RESOLVED, 60)
+        for i, code in enumerate(codes)
+        for n in range(i + 1)
+    ]
+    repository = await SqliteGeoRepository.open(path)
+    try:
+        await repository.upsert_many(rows)
+    finally:
+        await repository.close()
+    return path
+
+
+def test_stats_shows_twenty_countries_unless_asked(
+    many_countries: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def country_lines(*argv: str) -> list[str]:
+        code, out, _ = run_cli(capsys, "stats", "--db", str(many_countries), *argv)
+        assert code == 0
+        table = out.splitlines()[2:]
+        return table[: next(i for i, line in enumerate(table) if line.startswith("--"))]
+
+    default = country_lines()
+    assert len(default) == 21  # 20 countries and one line for the rest
+    assert default[0].split()[:2] == ["AY", "Land"]
+    assert default[-1].split() == ["..", "5", "other", "countries", "15", "4.6%"]
+    assert len(country_lines("--top", "3")) == 4
+    every = country_lines("--all")
+    assert [line.split()[0] for line in every][-1] == "AA"
+    assert len(every) == 25
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["stats", "--all", "--top", "3"])
+
+
+# --- backup ------------------------------------------------------------------------------------
+
+
+def test_backup_is_a_checked_copy(
+    db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "copy.sqlite3"
+    code, out, err = run_cli(capsys, "backup", "--db", str(db_path), str(target))
+    assert (code, err) == (0, "")
+    assert out.startswith(f"backed up 6 rows of {db_path} to {target} (")
+    with closing(sqlite3.connect(target)) as copy:
+        assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert copy.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        assert copy.execute("SELECT COUNT(*) FROM geo_cache").fetchone() == (6,)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".copy")) == []
+
+
+def test_backup_refuses_to_overwrite_or_copy_onto_itself(
+    db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "copy.sqlite3"
+    target.write_text("keep me")
+    code, _, err = run_cli(capsys, "backup", "--db", str(db_path), str(target))
+    assert (code, err) == (2, f"bangui-geo: {target} exists; pass --force to replace it\n")
+    assert target.read_text() == "keep me"
+    code, _, err = run_cli(capsys, "backup", "--db", str(db_path), "--force", str(db_path))
+    assert (code, err) == (2, f"bangui-geo: {db_path} is the database itself\n")
+    code, _, _ = run_cli(capsys, "backup", "--db", str(db_path), "--force", str(target))
+    assert code == 0
+    with closing(sqlite3.connect(target)) as copy:
+        assert copy.execute("SELECT COUNT(*) FROM geo_cache").fetchone() == (6,)
+    missing = tmp_path / "none" / "copy.sqlite3"
+    code, _, err = run_cli(capsys, "backup", "--db", str(db_path), str(missing))
+    assert (code, err) == (2, f"bangui-geo: folder {missing.parent} does not exist\n")

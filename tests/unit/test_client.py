@@ -57,3 +57,13 @@ def test_naive_seen_at_is_refused() -> None:
         decoded(ip_seen_bodies("1.1.1.1", seen_at=datetime(2026, 1, 1, tzinfo=UTC)))[0]["seen_at"]
         == "2026-01-01T00:00:00Z"
     )
+
+
+def test_the_public_import_is_the_client() -> None:
+    """Other components import ``bangui_geo.client``; it is the same client, not a copy."""
+    import bangui_geo.client
+    import shared.client
+
+    for name in bangui_geo.client.__all__:
+        assert getattr(bangui_geo.client, name) is getattr(shared.client, name)
+    assert {"GeoPublisher", "PublishFailed", "BrokerUnreachable"} <= set(bangui_geo.client.__all__)

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import re
 import shlex
+import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -401,7 +402,10 @@ def test_dockerfile_builds_a_slim_non_root_image_of_the_project(dockerfile: Dock
     assert "[" not in pip, "the image installs an extra (test dependencies?)"
     copied = [rest.split()[:-1] for rest in dockerfile.all("COPY")]
     sources = {PurePosixPath(s).as_posix().rstrip("/") for group in copied for s in group}
-    assert {"pyproject.toml", "shared", "services"} <= sources
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    included = {name.rstrip("*") for name in packages["packages"]["find"]["include"]}
+    assert {"bangui_geo", "shared", "services"} <= included
+    assert {"pyproject.toml", *included} <= sources  # every installed package is in the image
     # /data exists and belongs to the user, so a fresh named volume on it is writable.
     setup = " ".join(dockerfile.all("RUN"))
     assert re.search(r"mkdir (-p )?/data\b", setup)
