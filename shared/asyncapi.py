@@ -1,7 +1,9 @@
-"""The AsyncAPI description of the ``bangui`` exchange, generated from the message models.
+"""The AsyncAPI 3.0 description of the ``bangui`` exchange, generated from the message models.
 
 ``python -m shared.asyncapi > asyncapi.yaml`` regenerates the checked-in file; a unit test fails
-when it is stale, so the published contract can't drift from the code.
+when it is stale, validates it against the AsyncAPI 3.0 schema, and checks that its payload
+schemas refuse what the services refuse. Written from a component's point of view: each route
+says who sends it and who receives it, and the servers are the compose broker's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from shared import topology
+from shared.ipschema import IP_JSON_SCHEMA
 from shared.messages import (
     FlushDirty,
     GeoUpsertBatch,
@@ -22,71 +25,160 @@ from shared.messages import (
     RetryUnresolved,
 )
 
+VHOST = "bangui"  # the vhost deploy/rabbitmq/definitions.json creates and compose uses
+AMQP_BINDING_VERSION = "0.3.0"
+IP_SCHEMA_NAME = "IpAddress"
+
 
 @dataclass(frozen=True)
-class Channel:
+class Route:
     routing_key: str
     model: type[BaseModel]
-    publishers: str
-    consumers: str
+    senders: str
+    receivers: str
     queue: str | None
+    public: bool  # part of what other BanGUI components send or receive
+
+    @property
+    def channel_id(self) -> str:
+        head, *rest = self.routing_key.replace("_", ".").split(".")
+        return head + "".join(part.capitalize() for part in rest)
 
 
-CHANNELS = (
-    Channel(topology.IP_SEEN, IpSeen, "other BanGUI components", "resolver",
-            topology.RESOLVER_IP_SEEN.name),
-    Channel(topology.FLUSH, FlushDirty, "timer", "every resolver replica",
-            f"{topology.RESOLVER_FLUSH_PREFIX}<host>.<pid>"),
-    Channel(topology.RE_RESOLVE, ReResolveStale, "timer", "persistence",
-            topology.PERSISTENCE_RE_RESOLVE.name),
-    Channel(topology.UPSERT, GeoUpsertBatch, "resolver", "persistence",
-            topology.PERSISTENCE_UPSERT.name),
-    Channel(topology.RETRY, RetryUnresolved, "persistence", "resolver",
-            topology.RESOLVER_RETRY.name),
-    Channel(topology.RESOLVED, IpResolved, "resolver", "dashboards (bind your own queue)", None),
+ROUTES = (
+    Route(topology.IP_SEEN, IpSeen, "other BanGUI components (fail2ban action, web, importers)",
+          "resolver", topology.RESOLVER_IP_SEEN.name, public=True),
+    Route(topology.RESOLVED, IpResolved, "resolver, after each flush",
+          "dashboards: bind a queue of your own", None, public=True),
+    Route(topology.FLUSH, FlushDirty, "timer", "every resolver replica",
+          f"{topology.RESOLVER_FLUSH_PREFIX}<host>.<pid>", public=False),
+    Route(topology.RE_RESOLVE, ReResolveStale, "timer", "persistence",
+          topology.PERSISTENCE_RE_RESOLVE.name, public=False),
+    Route(topology.UPSERT, GeoUpsertBatch, "resolver", "persistence",
+          topology.PERSISTENCE_UPSERT.name, public=False),
+    Route(topology.RETRY, RetryUnresolved, "persistence", "resolver",
+          topology.RESOLVER_RETRY.name, public=False),
 )  # fmt: skip
+
+SERVERS = {
+    "compose": {
+        "host": "rabbitmq:5672",
+        "protocol": "amqp",
+        "protocolVersion": "0.9.1",
+        "pathname": f"/{VHOST}",
+        "description": (
+            "The broker of docker-compose.yml, as containers on the compose network reach it; "
+            f"vhost '{VHOST}'. Publishers log in as 'bangui-publisher' (write on 'bangui', "
+            "routing key ip.seen only)."
+        ),
+    },
+    "compose-host": {
+        "host": "localhost:5672",
+        "protocol": "amqp",
+        "protocolVersion": "0.9.1",
+        "pathname": f"/{VHOST}",
+        "description": (
+            "The same broker from the host running compose (RABBITMQ_AMQP_PORT, default 5672, "
+            "bound to RABBITMQ_BIND_ADDRESS, default 127.0.0.1)."
+        ),
+    },
+}
+
+
+def _shared_ip_schema(node: Any) -> Any:
+    """Every inline copy of the IP address schema, replaced by a reference to one definition."""
+    if node == IP_JSON_SCHEMA:
+        return {"$ref": f"#/components/schemas/{IP_SCHEMA_NAME}"}
+    if isinstance(node, dict):
+        return {key: _shared_ip_schema(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_shared_ip_schema(value) for value in node]
+    return node
+
+
+def _binding(route: Route) -> dict[str, Any]:
+    return {
+        "amqp": {
+            "is": "routingKey",
+            "exchange": {
+                "name": topology.EXCHANGE,
+                "type": "topic",
+                "durable": True,
+                "autoDelete": False,
+                "vhost": VHOST,
+            },
+            "bindingVersion": AMQP_BINDING_VERSION,
+        }
+    }
+
+
+def _operation(route: Route, action: str, who: str) -> dict[str, Any]:
+    verb = "sends" if action == "send" else "receives"
+    queue = f" from queue '{route.queue}'" if action == "receive" and route.queue else ""
+    return {
+        "action": action,
+        "channel": {"$ref": f"#/channels/{route.channel_id}"},
+        "summary": f"{who} {verb} {route.routing_key}{queue}.",
+        "messages": [{"$ref": f"#/channels/{route.channel_id}/messages/{route.model.__name__}"}],
+    }
 
 
 def document() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
+    messages: dict[str, Any] = {}
     channels: dict[str, Any] = {}
-    for channel in CHANNELS:
-        schema = channel.model.model_json_schema(ref_template="#/components/schemas/{model}")
+    operations: dict[str, Any] = {}
+    for route in ROUTES:
+        name = route.model.__name__
+        schema = route.model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
-        schemas[channel.model.__name__] = schema
-        binding: dict[str, Any] = {
-            "is": "routingKey",
-            "exchange": {"name": topology.EXCHANGE, "type": "topic", "durable": True, "vhost": "/"},
+        schemas[name] = schema
+        messages[name] = {
+            "name": name,
+            "title": name,
+            "contentType": "application/json",
+            "payload": {"$ref": f"#/components/schemas/{name}"},
         }
-        if channel.queue is not None:
-            binding["queue"] = {"name": channel.queue}
-        channels[channel.routing_key] = {
-            "description": f"Published by {channel.publishers}; consumed by {channel.consumers}.",
-            "subscribe": {
-                "operationId": f"on_{channel.routing_key.replace('.', '_')}",
-                "message": {
-                    "name": channel.model.__name__,
-                    "contentType": "application/json",
-                    "payload": {"$ref": f"#/components/schemas/{channel.model.__name__}"},
-                },
-            },
-            "bindings": {"amqp": binding},
+        scope = "Public" if route.public else "Internal to bangui-geo"
+        channels[route.channel_id] = {
+            "address": route.routing_key,
+            "description": (
+                f"{scope}. Routing key '{route.routing_key}' on exchange '{topology.EXCHANGE}'. "
+                f"Sent by {route.senders}; received by {route.receivers}."
+            ),
+            "messages": {name: {"$ref": f"#/components/messages/{name}"}},
+            "bindings": _binding(route),
         }
+        operations[f"send_{route.channel_id}"] = _operation(route, "send", route.senders)
+        operations[f"receive_{route.channel_id}"] = _operation(route, "receive", route.receivers)
     return {
-        "asyncapi": "2.6.0",
+        "asyncapi": "3.0.0",
         "info": {
             "title": "bangui-geo",
             "version": "1.0.0",
             "description": (
-                "Messages on the durable topic exchange 'bangui'. Rejected messages go to "
+                f"Messages on the durable topic exchange '{topology.EXCHANGE}' (vhost '{VHOST}' "
+                "in the compose deployment), JSON, persistent, at most GEO_MAX_MESSAGE_BYTES "
+                "(1 MiB by default) and without duplicate object keys (both are checked before "
+                "the schema). Rejected messages go to "
                 f"'{topology.DEAD_LETTER_EXCHANGE}' -> queue '{topology.DEAD_LETTER_QUEUE}' with "
-                f"the reason in header '{topology.REASON_HEADER}'. Generated from shared/"
-                "messages.py by `python -m shared.asyncapi`; do not edit by hand."
+                f"the reason in header '{topology.REASON_HEADER}'. Other components send "
+                "ip.seen and may receive ip.resolved; the other routes are the services' own. "
+                "Generated from shared/messages.py by `python -m shared.asyncapi`; do not edit "
+                "by hand."
             ),
         },
         "defaultContentType": "application/json",
+        "servers": SERVERS,
         "channels": channels,
-        "components": {"schemas": dict(sorted(schemas.items()))},
+        "operations": operations,
+        "components": {
+            "schemas": {
+                IP_SCHEMA_NAME: dict(IP_JSON_SCHEMA),
+                **_shared_ip_schema(dict(sorted(schemas.items()))),
+            },
+            "messages": messages,
+        },
     }
 
 

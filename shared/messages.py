@@ -20,15 +20,26 @@ from pydantic import (
     Field,
     StrictStr,
     StringConstraints,
+    WithJsonSchema,
     model_validator,
 )
+from pydantic.config import JsonDict
 
 from shared.ipnorm import normalize_ip
+from shared.ipschema import IP_JSON_SCHEMA
 
 MAX_IPS_PER_MESSAGE = 1000
 MAX_ROWS_PER_UPSERT = 1000
 
-Ip = Annotated[StrictStr, AfterValidator(normalize_ip)]
+Ip = Annotated[StrictStr, AfterValidator(normalize_ip), WithJsonSchema(IP_JSON_SCHEMA)]
+
+# What the "exactly one" validator enforces, said in the schema for other components' validators.
+EXACTLY_ONE_ADDRESS_FIELD: JsonDict = {
+    "oneOf": [
+        {"required": ["ip"], "properties": {"ip": {"type": "string"}, "ips": {"type": "null"}}},
+        {"required": ["ips"], "properties": {"ips": {"type": "array"}, "ip": {"type": "null"}}},
+    ]
+}
 
 
 class IpSeen(BaseModel):
@@ -38,7 +49,9 @@ class IpSeen(BaseModel):
     allowed and ignored, so publishers can add context without breaking us.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(
+        extra="ignore", frozen=True, json_schema_extra=EXACTLY_ONE_ADDRESS_FIELD
+    )
 
     ip: Ip | None = Field(
         default=None, description="One IPv4 or IPv6 address.", examples=["8.8.8.8"]

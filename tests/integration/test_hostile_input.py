@@ -3,11 +3,11 @@ geo.dead_letter with its reason, nothing crashes, and the messages around them s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from tests.hostile_bodies import HOSTILE_ELSEWHERE, HOSTILE_IP_SEEN
 from tests.integration.support import (
     ServiceProcess,
     async_poll,
@@ -19,33 +19,6 @@ from tests.integration.support import (
 )
 
 pytestmark = pytest.mark.integration
-
-HOSTILE_IP_SEEN: dict[str, bytes] = {
-    "not JSON": b"{ip: 1.2.3.4",
-    "empty body": b"",
-    "JSON null": b"null",
-    "a number": b"42",
-    "wrong type for ip": b'{"ip": ["8.8.8.8"]}',
-    "wrong types in ips": b'{"ips": [1, 2, 3]}',
-    "invalid IP": b'{"ip": "256.256.256.256"}',
-    "a 100 kB string": json.dumps({"ip": "A" * 100_000}).encode(),
-    "a 50,000-entry list": json.dumps({"ips": ["8.8.8.8"] * 50_000}).encode(),
-    "invalid UTF-8": b'{"ip": "\xff\xfe\xfd"}',
-    "SQL in a string": b'{"ip": "1.1.1.1\'); DROP TABLE geo_cache; --"}',
-    "nested object": b'{"ip": {"$ne": null}}',
-    "larger than the maximum": b'{"ips": ["' + b"9" * 2_000_000 + b'"]}',
-}
-HOSTILE_ELSEWHERE: dict[str, tuple[str, bytes]] = {
-    "upsert not JSON": ("geo.upsert", b"\x00\x01\x02"),
-    "upsert SQL as ip": (
-        "geo.upsert",
-        b'{"batch_id": "x", "rows": [["1\'; DROP TABLE geo_cache; --", "resolved",'
-        b' "2026-01-01T00:00:00.000000Z"]]}',
-    ),
-    "retry bad ip": ("geo.retry", b'{"tick_id": "t", "ips": ["nope"]}'),
-    "flush wrong type": ("geo.flush", b'{"tick_id": 5, "issued_at": "yesterday"}'),
-    "re_resolve not an object": ("geo.re_resolve", b'["re_resolve"]'),
-}
 
 
 async def test_every_kind_of_hostile_message_is_dead_lettered(
