@@ -18,6 +18,7 @@ import structlog
 from pydantic import BaseModel
 
 from services.timer.cadence import next_tick, skipped
+from services.timer.tally import TickTally
 from shared.ports import Publisher
 
 
@@ -43,6 +44,7 @@ async def tick_forever(
     start_mono, start_wall = monotonic(), wall()
     last = 0
     published = 0
+    tally = TickTally()
     while not stop.is_set():
         k, due = next_tick(start_mono, cadence.interval, monotonic(), after=last)
         if skipped(last, k):
@@ -57,11 +59,23 @@ async def tick_forever(
         try:
             await publisher.publish(cadence.routing_key, [command], expiration=cadence.interval)
         except Exception as exc:  # a lost tick is replaced by the next one; keep the cadence
+            ok = False
             log.warning("timer_tick_publish_failed", cadence=cadence.name, tick=k, error=repr(exc))
         else:
+            ok = True
             published += 1
             if published_counts is not None:
                 published_counts[cadence.name] += 1
-            log.info("timer_tick_published", cadence=cadence.name, tick=k, tick_id=tick_id)
+            log.debug("timer_tick_published", cadence=cadence.name, tick=k, tick_id=tick_id)
+        summary = tally.record(ok=ok, tick_id=tick_id, now=due)
+        if summary is not None:
+            log.info(
+                "timer_ticks_summarized",
+                cadence=cadence.name,
+                published=summary.published,
+                failed=summary.failed,
+                window_s=summary.window_s,
+                last_tick_id=summary.last_tick_id,
+            )
         last = k
     return published

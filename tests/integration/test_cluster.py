@@ -102,8 +102,9 @@ async def test_stopping_the_node_the_services_use_loses_nothing(
     urls = ",".join(node.url for node in cluster.nodes)  # the same list for every service
     db_path = tmp_path / "geo_cache.sqlite3"
     env = service_env(urls, db_path, GEO_QUEUE_TYPE="quorum", GEO_FLUSH_INTERVAL="0.5")
+    envs = {"timer": {**env, "GEO_LOG_LEVEL": "debug"}}  # each tick is logged at debug
     services = {
-        name: ServiceProcess(name, env, tmp_path / f"{name}.log").start()
+        name: ServiceProcess(name, envs.get(name, env), tmp_path / f"{name}.log").start()
         for name in ("persistence", "resolver", "timer")
     }
     try:

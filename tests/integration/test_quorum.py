@@ -113,7 +113,9 @@ async def test_pipeline_on_quorum_queues(quorum: Replicas, broker_admin: BrokerA
 async def test_timer_commands_expire_on_a_quorum_queue(quorum: Replicas) -> None:
     # Nobody consumes geo.persistence.re_resolve: each command lives one interval, then goes,
     # without a dead-letter exchange to pile into.
-    timer = quorum.start("timer", "timer", GEO_RE_RESOLVE_INTERVAL="0.3")
+    timer = quorum.start(
+        "timer", "timer", GEO_RE_RESOLVE_INTERVAL="0.3", GEO_LOG_LEVEL="debug"
+    )  # each tick at debug
     await wait_for_topology(quorum.amqp_url)
 
     def re_resolves() -> int:

@@ -66,6 +66,7 @@ def start_timer(amqp_url: str, tmp_path: Path, name: str) -> ServiceProcess:
         tmp_path / "unused.sqlite3",
         GEO_FLUSH_INTERVAL=str(FLUSH),
         GEO_RE_RESOLVE_INTERVAL=str(RE_RESOLVE),
+        GEO_LOG_LEVEL="debug",  # each tick is logged at debug
     )
     return ServiceProcess("timer", env, tmp_path / f"{name}.log").start()
 
@@ -242,3 +243,24 @@ def has_event(process: ServiceProcess, name: str) -> bool:
 def timer_connection_name(process: ServiceProcess) -> str:
     assert process.process is not None
     return f"bangui-geo timer@{socket.gethostname()}:{process.process.pid}"
+
+
+async def test_a_healthy_timer_is_quiet_at_info(
+    amqp_url: str, tmp_path: Path, tap: tuple[Tap, aio_pika.abc.AbstractQueue]
+) -> None:
+    """Ticks go to debug; at info a timer says it leads and then one summary line per cadence
+    and minute, not a line per tick."""
+    recorder, _ = tap
+    env = service_env(
+        amqp_url, tmp_path / "unused.sqlite3", GEO_FLUSH_INTERVAL="0.05", GEO_LOG_LEVEL="info"
+    )
+    timer = ServiceProcess("timer", env, tmp_path / "quiet.log").start()
+    await async_poll(
+        lambda: len(recorder.ticks("geo.flush")) >= 40, deadline_s=20, what="40 flush commands"
+    )
+    assert timer.stop() == 0
+    names = [e["event"] for e in timer.log_events()]
+    assert "timer_tick_published" not in names
+    summaries = [e for e in timer.log_events() if e["event"] == "timer_ticks_summarized"]
+    assert [(e["cadence"], e["published"], e["failed"]) for e in summaries] == [("flush", 1, 0)]
+    assert len(names) < 15, names

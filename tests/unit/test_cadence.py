@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from services.timer.cadence import next_tick, skipped
+from services.timer.tally import TickSummary, TickTally
 from services.timer.ticker import Cadence, tick_forever
 from shared import topology
 from shared.messages import FlushDirty
@@ -194,3 +195,18 @@ async def test_ticker_returns_at_once_when_already_stopped() -> None:
     clock = ScriptedClock([0.0])
     assert await tick_forever(flush_cadence(1.0), publisher, stop, monotonic=clock) == 0
     assert publisher.published == []
+
+
+def test_tick_tally_summarizes_the_first_tick_then_once_a_window() -> None:
+    tally = TickTally(every=60.0)
+    first = tally.record(ok=True, tick_id="flush:0", now=100.0)
+    assert first == TickSummary(published=1, failed=0, window_s=0.0, last_tick_id="flush:0")
+    quiet = [
+        tally.record(ok=i % 10 != 0, tick_id=f"flush:{i}", now=100.0 + i) for i in range(1, 60)
+    ]
+    assert quiet == [None] * 59
+    due = tally.record(ok=True, tick_id="flush:60", now=160.0)
+    assert due == TickSummary(published=55, failed=5, window_s=60.0, last_tick_id="flush:60")
+    assert tally.record(ok=False, tick_id="flush:61", now=161.0) is None
+    late = tally.record(ok=True, tick_id="flush:62", now=400.0)  # a long gap: one line, counts
+    assert late == TickSummary(published=1, failed=1, window_s=240.0, last_tick_id="flush:62")
