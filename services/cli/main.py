@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from services.agent import command as agent_command
 from services.cli import database, deadletters
 from services.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
 from services.cli.inputs import InputError, from_arguments
@@ -76,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--source", help="source sent with the IPs, e.g. fail2ban")
     pub.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
 
+    agent = commands.add_parser(
+        "agent",
+        parents=[broker],
+        help="follow fail2ban's database and publish its bans as ip.seen",
+        description="Follow fail2ban's own SQLite database (read-only) and publish every ban "
+        "as ip.seen (source fail2ban), saving the position once the broker confirmed.",
+    )
+    agent_command.add_arguments(agent)
+
     look = commands.add_parser("lookup", parents=[db], help="show the geo_cache rows of IPs")
     look.add_argument("ips", nargs="+", metavar="IP")
 
@@ -112,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run_service(str(args.service))
+    if args.command == "agent":  # long-running: logs like a service, not like a tool
+        return agent_command.main(args, PROG)
     _configure_logging(verbose=bool(args.verbose))
     try:
         return _dispatch(args)
