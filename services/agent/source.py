@@ -69,6 +69,8 @@ def identity_of(path: Path) -> FileIdentity:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    if path.is_dir():
+        raise DatabaseUnreadable(f"cannot read {path}: it is a directory, not a database file")
     if not os.access(path, os.R_OK):
         identity_of(path)  # missing: DatabaseMissing
         raise DatabaseUnreadable(f"cannot read {path}: permission denied")
