@@ -130,8 +130,8 @@ async def test_every_ban_reaches_geo_cache_through_an_outage_and_a_sigkill(
         assert (await asyncio.to_thread(get, port, "/health"))[0] == 200
     finally:
         for agent in agents:
-            if agent.running:
-                agent.stop()
+            if agent.running:  # in a thread: the proxy runs on this loop
+                await asyncio.to_thread(agent.stop)
 
     assert not set(ips) - read_rows(services).keys()  # 0 lost
     with sqlite3.connect(fail2ban.database) as db:
