@@ -166,7 +166,7 @@ async def run_agent_bench(bans: int, delays: int, amqp_url: str, workdir: Path) 
         batches = _events(agent, "agent_bans_published")
         backfill.metrics.update(batches=len(batches), seconds=finished - started)
         backfill.details.append(
-            f"{len(batches)} confirmed batches of up to 5000 bans in {finished - started:.2f} s "
+            f"{len(batches)} confirmed batches of up to 10,000 bans in {finished - started:.2f} s "
             "(each: read, group, publish, confirms, state fsync + rename)"
         )
         await tap.purge()

@@ -63,9 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch",
         type=_positive_int,
-        default=5000,
+        default=10_000,
         metavar="N",
-        help="bans read, published and confirmed per step (default: 5000)",
+        help="bans read, published and confirmed per step (default: 10000)",
     )
     parser.add_argument(
         "--retry-max",

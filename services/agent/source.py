@@ -117,7 +117,8 @@ def check_database(path: Path) -> None:
         connection.close()
 
 
-_ROW = "SELECT rowid, jail, ip, timeofban FROM bans"
+# A NULL ip (the column allows it) reads as '': not an address, so skipped, never a crash.
+_ROW = "SELECT rowid, jail, coalesce(ip, ''), timeofban FROM bans"
 
 
 def _row(values: tuple[object, ...] | None) -> BanRow | None:
@@ -151,7 +152,7 @@ def read_bans(path: Path, position: Position, limit: int) -> ReadResult:
         cursor = connection.execute(
             f"{_ROW} WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit)
         )
-        rows = [BanRow(r, str(j), str(i), int(t)) for r, j, i, t in cursor.fetchall()]
+        rows = list(map(BanRow._make, cursor.fetchall()))
         newest = _row(connection.execute(f"{_ROW} ORDER BY rowid DESC LIMIT 1").fetchone())
         connection.execute("COMMIT")
     except sqlite3.Error as exc:
