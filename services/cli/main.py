@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         "ips", nargs="*", metavar="IP", help="addresses; '-' or none reads stdin, one per line"
     )
     pub.add_argument(
-        "--fail2ban-log", type=Path, metavar="FILE", help="publish the IPs of its 'Ban' lines"
+        "--fail2ban-log",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="publish the IPs of its 'Ban' lines (repeat for several logs, e.g. rotated ones)",
     )
     pub.add_argument("--jail", help="jail name sent with the IPs (default: the log's jails)")
     pub.add_argument("--source", help="source sent with the IPs, e.g. fail2ban")
@@ -142,12 +146,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "publish":
         request = PublishRequest(
             ips=list(args.ips),
-            fail2ban_log=args.fail2ban_log,
+            fail2ban_logs=tuple(args.fail2ban_log or ()),
             jail=args.jail,
             source=args.source,
             quiet=bool(args.quiet),
         )
-        if not request.ips and request.fail2ban_log is None and sys.stdin.isatty():
+        if not request.ips and not request.fail2ban_logs and sys.stdin.isatty():
             raise CliError(
                 "no IPs given: pass them as arguments, pipe them on stdin or use --fail2ban-log",
                 EXIT_USAGE,

@@ -26,6 +26,8 @@ from services.agent.position import (
     on_file,
     plan_read,
 )
+from services.agent.runner import bodies_of
+from shared.messages import IpSeen
 
 ANCHOR = BanRow(7, "sshd", "192.0.2.7", 1_000)
 FILE = FileIdentity(device=1, inode=42)
@@ -154,3 +156,18 @@ def test_since_takes_an_age_or_an_iso_time() -> None:
     )
     with pytest.raises(ValueError, match="neither an ISO date/time nor an age"):
         parse_since("yesterday", now)
+
+
+def test_the_bodies_are_ip_seen_messages_of_the_contract() -> None:
+    rows = [BanRow(1, "sshd", "192.0.2.1", 1_764_000_000), BanRow(2, "nginx", "::ffff:1.2.3.4", 5)]
+    bodies = bodies_of(group(rows))
+    messages = [IpSeen.model_validate_json(body) for body in bodies]
+    assert [m.addresses for m in messages] == [["192.0.2.1"], ["1.2.3.4"]]
+    fields = [json.loads(body) for body in bodies]
+    assert fields[0] == {
+        "ips": ["192.0.2.1"],
+        "source": "fail2ban",
+        "jail": "sshd",
+        "seen_at": "2025-11-24T16:00:00Z",
+    }
+    assert fields[1]["seen_at"] == "1970-01-01T00:00:05Z"
