@@ -151,9 +151,13 @@ async def run_agent(
     )
     try:
         async with asyncio.TaskGroup() as group_:
-            watcher = group_.create_task(_watch_newest(options, status, stop))
+            helpers = [
+                group_.create_task(_watch_newest(options, status, stop)),
+                group_.create_task(link.keep_connected()),
+            ]
             await _follow(options, position, status, link, stop, log)
-            watcher.cancel()
+            for helper in helpers:
+                helper.cancel()
     finally:
         await link.close()
         if metrics is not None:

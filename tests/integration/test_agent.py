@@ -8,6 +8,7 @@ import asyncio
 import json
 import sqlite3
 import time
+import urllib.error
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -41,6 +42,14 @@ OUTAGE_S = 30.0
 def public_ips(count: int, second_octet: int = 0) -> list[str]:
     """Distinct addresses of 41.0.0.0/8 (AFRINIC, all global)."""
     return [f"41.{second_octet + n // 62500}.{n // 250 % 250}.{n % 250 + 1}" for n in range(count)]
+
+
+def health(port: int) -> int:
+    """The status /health answers; 0 while nothing listens yet."""
+    try:
+        return get(port, "/health")[0]
+    except urllib.error.URLError:
+        return 0
 
 
 def agent_env(amqp_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -100,6 +109,11 @@ async def test_every_ban_reaches_geo_cache_through_an_outage_and_a_sigkill(
         return len(set(wanted) & read_rows(services).keys())
 
     try:
+        await async_poll(  # connected before it has anything to send
+            lambda: asyncio.to_thread(lambda: health(port) == 200),
+            deadline_s=20,
+            what="the idle agent healthy",
+        )
         await fail2ban.ban_async(ips[:500])
         await async_poll(
             lambda: cached(ips[:500]) == 500, deadline_s=60, what="the first 500 bans cached"
@@ -110,7 +124,7 @@ async def test_every_ban_reaches_geo_cache_through_an_outage_and_a_sigkill(
         cut_at = time.monotonic()
         await fail2ban.ban_async(ips[500:1500])
         await async_poll(
-            lambda: asyncio.to_thread(lambda: get(port, "/health")[0] == 503),
+            lambda: asyncio.to_thread(lambda: health(port) == 503),
             deadline_s=20,
             what="the agent reporting the broker lost",
         )
