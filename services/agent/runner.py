@@ -1,6 +1,6 @@
 """The agent's loop: read a batch after the position, publish it, wait for the confirms, save
 the new position, and poll again once caught up. The database is the buffer: while the broker
-is away nothing is read ahead, so an outage of any length costs no memory."""
+is away at most one batch is read ahead, so an outage of any length costs no memory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -62,7 +62,6 @@ class AgentStatus:
     confirmed: BanRow | None = None
     pending: BanRow | None = None
     newest: BanRow | None = None
-    publish_failures: dict[str, int] = field(default_factory=dict)
 
     def lag(self) -> float:
         return lag_seconds(self.confirmed, self.newest, self.pending)
