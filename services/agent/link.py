@@ -68,7 +68,7 @@ class BrokerLink:
                 try:
                     await publisher.publish(topology.IP_SEEN, bodies)
                 except Exception as exc:  # any failure means: drop the connection, retry later
-                    await self._failed(exc)
+                    await self._failed("agent_publish_failed", exc)
                     await self._back_off()
                     continue
                 return True
@@ -81,7 +81,7 @@ class BrokerLink:
         while not self._stop.is_set():
             if not self._publishing and not self.connected:
                 if self._publisher is not None:
-                    await self._failed(ConnectionError("connection to the broker lost"))
+                    await self._failed("agent_connection_lost", None)
                 if await self._open() is None:
                     await self._back_off()
                     continue
@@ -98,7 +98,7 @@ class BrokerLink:
                     confirm_timeout=self._settings.confirm_timeout,
                 )
             except Exception as exc:
-                await self._failed(exc)
+                await self._failed("agent_connect_failed", exc)
                 return None
             loop = asyncio.get_running_loop()
             if self._down_since is not None:
@@ -111,15 +111,15 @@ class BrokerLink:
             self._attempt = 0
             return self._publisher
 
-    async def _failed(self, exc: BaseException) -> None:
+    async def _failed(self, event: str, exc: BaseException | None) -> None:
+        """Count and log a failed attempt (``event`` says which kind), drop the connection."""
         self.failures += 1
         self._attempt += 1
         await self._drop()
         if self._down_since is None:
             self._down_since = asyncio.get_running_loop().time()
-        self._log.warning(
-            "agent_publish_failed", error=str(exc) or repr(exc), attempt=self._attempt
-        )
+        error = "" if exc is None else str(exc) or repr(exc)
+        self._log.warning(event, error=error, attempt=self._attempt)
 
     async def _back_off(self) -> None:
         delay = retry_delay(
