@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.agent import run_agent_bench
 from bench.broker import VhostPool, admin_from_env, broker_version, masked
 from bench.drain import bulk_plan, run_drain, single_ip_plan
 from bench.ipapi import run_ipapi
@@ -39,10 +40,12 @@ class Sizes:
     ipapi_burst: int
     latency_messages: int
     latency_rate: float
+    agent_bans: int = 100_000
+    agent_delays: int = 200
 
 
 FULL = Sizes(50_000, 1000, 100, 3, 200_000, 5_000, 500, 100.0)
-QUICK = Sizes(5_000, 20, 20, 3, 200_000, 2_000, 200, 100.0)
+QUICK = Sizes(5_000, 20, 20, 3, 200_000, 2_000, 200, 100.0, agent_bans=10_000, agent_delays=40)
 
 Runner = Callable[[VhostPool, Path], Awaitable[list[Figure]]]
 
@@ -77,6 +80,11 @@ def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -
             sizes.latency_messages, sizes.latency_rate, pool.new("latency"), work / "latency"
         )
 
+    async def agent(pool: VhostPool, work: Path) -> list[Figure]:
+        return await run_agent_bench(
+            sizes.agent_bans, sizes.agent_delays, pool.new("agent"), work / "agent"
+        )
+
     return [
         Scenario("single", ("single_ip_drain",), single),
         Scenario("bulk", ("bulk_drain",), bulk),
@@ -84,6 +92,7 @@ def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -
         Scenario("memory", ("resolver_memory",), memory),
         Scenario("ipapi", ("ipapi_batch_fill",), ipapi),
         Scenario("latency", ("e2e_latency_p50", "e2e_latency_p99", "commits_per_flush"), latency),
+        Scenario("agent", ("agent_backfill", "agent_ban_delay_p50", "agent_ban_delay_p99"), agent),
     ]
 
 
@@ -99,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["single", "bulk", "persistence", "memory", "ipapi", "latency"],
+        choices=["single", "bulk", "persistence", "memory", "ipapi", "latency", "agent"],
         help="run only this scenario (repeatable)",
     )
     parser.add_argument(
@@ -127,7 +136,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-WORK_DIRS = ("single", "bulk", "sqlite", "ipapi", "latency")
+WORK_DIRS = ("single", "bulk", "sqlite", "ipapi", "latency", "agent")
 
 
 async def run(args: argparse.Namespace, work: Path) -> int:

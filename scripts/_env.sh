@@ -74,3 +74,16 @@ ensure_fail2ban() {
   echo "fail2ban-server is missing: install the fail2ban package (apt-get install -y fail2ban)" >&2
   return 1
 }
+
+# systemd-analyze checks the agent's unit (tests/unit/test_agent_deploy.py); no systemd needs to run.
+ensure_systemd_analyze() {
+  command -v systemd-analyze >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing systemd (apt-get, for systemd-analyze)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; } \
+      >/tmp/bangui-geo-apt.log 2>&1 || { cat /tmp/bangui-geo-apt.log >&2; return 1; }
+    return 0
+  fi
+  echo "systemd-analyze is missing: install the systemd package (apt-get install -y systemd)" >&2
+  return 1
+}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from services.agent import command as agent_command
 from services.cli import backup, database, deadletters
 from services.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
 from services.cli.inputs import InputError, from_arguments
@@ -72,11 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
         "ips", nargs="*", metavar="IP", help="addresses; '-' or none reads stdin, one per line"
     )
     pub.add_argument(
-        "--fail2ban-log", type=Path, metavar="FILE", help="publish the IPs of its 'Ban' lines"
+        "--fail2ban-log",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="publish the IPs of its 'Ban' lines (repeat for several logs, e.g. rotated ones)",
     )
     pub.add_argument("--jail", help="jail name sent with the IPs (default: the log's jails)")
     pub.add_argument("--source", help="source sent with the IPs, e.g. fail2ban")
     pub.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+
+    agent = commands.add_parser(
+        "agent",
+        parents=[broker],
+        help="follow fail2ban's database and publish its bans as ip.seen",
+        description="Follow fail2ban's own SQLite database (read-only) and publish every ban "
+        "as ip.seen (source fail2ban), saving the position once the broker confirmed.",
+    )
+    agent_command.add_arguments(agent)
 
     look = commands.add_parser("lookup", parents=[db], help="show the geo_cache rows of IPs")
     look.add_argument("ips", nargs="+", metavar="IP")
@@ -133,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run_service(str(args.service))
+    if args.command == "agent":  # long-running: logs like a service, not like a tool
+        return agent_command.main(args, PROG)
     _configure_logging(verbose=bool(args.verbose))
     try:
         return _dispatch(args)
@@ -151,12 +167,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "publish":
         request = PublishRequest(
             ips=list(args.ips),
-            fail2ban_log=args.fail2ban_log,
+            fail2ban_logs=tuple(args.fail2ban_log or ()),
             jail=args.jail,
             source=args.source,
             quiet=bool(args.quiet),
         )
-        if not request.ips and request.fail2ban_log is None and sys.stdin.isatty():
+        if not request.ips and not request.fail2ban_logs and sys.stdin.isatty():
             raise CliError(
                 "no IPs given: pass them as arguments, pipe them on stdin or use --fail2ban-log",
                 EXIT_USAGE,

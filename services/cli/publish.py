@@ -32,7 +32,7 @@ IPS_PER_CALL = 20_000  # 20 messages of 1000 confirmed together per client call
 @dataclass(frozen=True)
 class PublishRequest:
     ips: Sequence[str]  # arguments; "-" (or none, without a log file) reads stdin
-    fail2ban_log: Path | None
+    fail2ban_logs: Sequence[Path]  # each read in turn; one without a Ban line refuses all
     jail: str | None
     source: str | None
     quiet: bool
@@ -47,22 +47,33 @@ def _open_text(path: Path) -> TextIO:
 def collect(request: PublishRequest, stdin: TextIO) -> list[SeenIp]:
     """Every address of the request, normalized; ``CliError`` (exit 2) on the first bad one."""
     arguments = [value for value in request.ips if value != "-"]
-    read_stdin = "-" in request.ips or (not request.ips and request.fail2ban_log is None)
+    read_stdin = "-" in request.ips or (not request.ips and not request.fail2ban_logs)
     try:
         seen = from_arguments(arguments)
         if read_stdin:
             seen += from_lines(stdin, name="stdin")
-        if request.fail2ban_log is not None:
-            try:
-                with _open_text(request.fail2ban_log) as log_file:
-                    seen += from_fail2ban_log(log_file, name=str(request.fail2ban_log))
-            except OSError as exc:
-                raise CliError(
-                    f"cannot read {request.fail2ban_log}: {exc.strerror or exc}", EXIT_USAGE
-                ) from None
+        for log in request.fail2ban_logs:
+            seen += _bans_of(log)
     except InputError as exc:
         raise CliError(f"{exc}; nothing was published", EXIT_USAGE) from None
     return seen
+
+
+def _bans_of(log: Path) -> list[SeenIp]:
+    """The bans of one fail2ban log; a log without a single ``Ban`` line is refused, as it is
+    most likely not a fail2ban log at all (or the wrong one)."""
+    try:
+        with _open_text(log) as log_file:
+            bans = from_fail2ban_log(log_file, name=str(log))
+    except OSError as exc:
+        raise CliError(f"cannot read {log}: {exc.strerror or exc}", EXIT_USAGE) from None
+    except EOFError:  # a truncated .gz
+        raise CliError(f"cannot read {log}: compressed file ended early", EXIT_USAGE) from None
+    if not bans:
+        raise CliError(
+            f"{log} has no 'Ban' line (is it a fail2ban log?); nothing was published", EXIT_USAGE
+        )
+    return bans
 
 
 def _chunks(ips: Sequence[str], size: int) -> Iterator[Sequence[str]]:

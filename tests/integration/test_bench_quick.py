@@ -31,6 +31,9 @@ FIGURES = (
     "e2e_latency_p50",
     "e2e_latency_p99",
     "commits_per_flush",
+    "agent_backfill",
+    "agent_ban_delay_p50",
+    "agent_ban_delay_p99",
 )
 LABELS = r"(PASS|MISS|INFO|not measured \(stand-in not available\))"
 

@@ -9,6 +9,7 @@ whose hashes the file carries, so a login also proves the hashes.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import urllib.error
@@ -26,10 +27,12 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import ChannelAccessRefused
 
 from tests.broker import BrokerAdmin
+from tests.integration.agent_support import AgentProcess, Fail2banServer
 from tests.integration.support import (
     REPO_ROOT,
     ServiceProcess,
     async_poll,
+    drain_queue,
     publish,
     read_rows,
     service_env,
@@ -382,3 +385,32 @@ def test_admin_user_reaches_the_management_ui(deployment: Deployment) -> None:
             "/api/whoami",
             auth=(deployment.users[PUBLISHER], dev_password(PUBLISHER)),
         )
+
+
+async def test_the_agent_runs_as_the_publisher_user(deployment: Deployment, tmp_path: Path) -> None:
+    """``bangui-geo agent`` needs no more than the publish-only user the compose profile gives
+    it: write on ``bangui``, routing key ``ip.seen``."""
+    fail2ban = Fail2banServer(tmp_path / "f2b")
+    env = service_env(deployment.url(PUBLISHER), tmp_path / "unused.sqlite3")
+    flags = ["--fail2ban-db", str(fail2ban.database), "--state", str(tmp_path / "agent.json")]
+    agent = AgentProcess(env, tmp_path / "agent.log", flags)
+    ips = ["8.8.4.4", "9.9.9.9"]
+    try:
+        await asyncio.to_thread(fail2ban.start)
+        await fail2ban.ban_async(ips)
+        agent.start()
+        seen: list[str] = []
+
+        async def delivered() -> bool:
+            for message in await drain_queue(deployment.url(ADMIN), "geo.resolver.ip_seen"):
+                seen.extend(json.loads(message.body)["ips"])
+            return set(ips) <= set(seen)
+
+        await async_poll(delivered, deadline_s=30, what="the agent's ip.seen in the queue")
+    finally:
+        if agent.running:
+            assert agent.stop() == 0
+        fail2ban.stop()
+    text = agent.log_path.read_text()
+    assert "ACCESS_REFUSED" not in text
+    assert not [e for e in agent.log_events() if e.get("level") in ("error", "critical")]

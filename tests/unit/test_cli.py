@@ -3,6 +3,7 @@ and the one-line errors for a bad IP, a missing database and an unreachable brok
 
 from __future__ import annotations
 
+import gzip
 import io
 import logging
 import os
@@ -23,6 +24,7 @@ from services.cli.database import Stats, age, render_stats
 from services.cli.deadletters import excerpt, render_letter
 from services.cli.inputs import InputError, by_jail, from_fail2ban_log, from_lines
 from services.cli.progress import ProgressBar
+from services.cli.publish import PublishRequest, collect
 from services.persistence.repository import SqliteGeoRepository
 from shared.amqp import dead_letter_from
 from shared.messages import GeoRow, Resolution, iso_utc
@@ -204,6 +206,41 @@ def test_bad_ban_line_in_a_fail2ban_log_is_named(
     assert code == 2
     assert f"{log} line 9: not an IPv4 or IPv6 address: '1.2.3'" in err
     assert err.count("\n") == 1
+
+
+def test_several_fail2ban_logs_are_all_read(tmp_path: Path) -> None:
+    current, rotated = tmp_path / "fail2ban.log", tmp_path / "fail2ban.log.1.gz"
+    current.write_text(FAIL2BAN_LOG)
+    with gzip.open(rotated, "wt") as old:
+        old.write(F2B.format(0, "actions", "NOTICE", "nginx", "Ban 198.51.100.77"))
+    args = cli.build_parser().parse_args(
+        ["publish", "--fail2ban-log", str(current), "--fail2ban-log", str(rotated)]
+    )
+    request = PublishRequest([], tuple(args.fail2ban_log), None, None, quiet=True)
+    groups = by_jail(collect(request, io.StringIO("")), None)
+    assert groups == {
+        "sshd": ["203.0.113.7", "198.51.100.9", "192.0.2.2"],
+        "postfix-sasl": ["2001:db8::a"],
+        "nginx": ["198.51.100.77"],
+    }
+
+
+def test_a_log_without_a_ban_line_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, quiet = tmp_path / "fail2ban.log", tmp_path / "auth.log"
+    good.write_text(FAIL2BAN_LOG)
+    quiet.write_text(F2B.format(5, "actions", "NOTICE", "sshd", "Unban 203.0.113.7"))
+    port = closed_port()  # never reached: the input is refused first
+    code, out, err = run_cli(
+        capsys,
+        *("publish", "--amqp-url", f"amqp://guest:guest@127.0.0.1:{port}/"),
+        *("--fail2ban-log", str(good), "--fail2ban-log", str(quiet)),
+    )
+    assert (code, out) == (2, "")
+    assert err == (
+        f"bangui-geo: {quiet} has no 'Ban' line (is it a fail2ban log?); nothing was published\n"
+    )
 
 
 def test_missing_fail2ban_log_is_one_line(

@@ -235,7 +235,7 @@ def test_every_service_command_is_a_module_of_the_contract(
     compose: dict[str, Any], dockerfile: Dockerfile
 ) -> None:
     services = compose["services"]
-    assert set(services) == {"rabbitmq", *APP_SERVICES, *CLUSTER_NODES}
+    assert set(services) == {"rabbitmq", *APP_SERVICES, *CLUSTER_NODES, "agent"}
     always = {name for name, service in services.items() if not service.get("profiles")}
     assert always == {"rabbitmq", *APP_SERVICES}  # `docker compose up` starts what it did
     for name in APP_SERVICES:
@@ -703,7 +703,8 @@ def test_only_marked_development_passwords_are_in_the_repository(
     raw_compose: dict[str, Any],
 ) -> None:
     defaults = re.findall(r"_PASSWORD:-([^}]*)\}", " ".join(_walk(raw_compose)))
-    assert sorted(defaults) == sorted(DEV_PASSWORDS[u] for u in SERVICE_USERS.values())
+    users = [*SERVICE_USERS.values(), PUBLISHER]  # the publisher's: the agent profile's
+    assert sorted(defaults) == sorted(DEV_PASSWORDS[u] for u in users)
     assert all(d.startswith("dev-only-") for d in defaults)
 
 
