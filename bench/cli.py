@@ -99,7 +99,8 @@ def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Side-by-side benchmark of bangui-geo against bare baselines, measured in the same run. "
+        description="Side-by-side benchmark of bangui-geo against bare baselines, measured in "
+        "the same run. "
         "Broker: GEO_BENCH_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/), management "
         "API: GEO_BENCH_MANAGEMENT_URL (default http://<host>:15672).",
     )
