@@ -6,18 +6,15 @@ profile mounts that folder read-only."""
 from __future__ import annotations
 
 import shlex
-import shutil
-import subprocess
-import sys
 from configparser import ConfigParser
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import pytest
 import yaml
 
 from services.cli.main import build_parser
 from shared.settings import Settings
+from tests.systemd import read_unit, verify
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "bangui-geo-agent.service"
@@ -26,39 +23,17 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 
 
 def unit() -> ConfigParser:
-    parser = ConfigParser(strict=False, interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read_string(UNIT.read_text())
-    return parser
-
-
-def verify(text: str, folder: Path) -> subprocess.CompletedProcess[str]:
-    """``systemd-analyze verify`` of ``text`` with ExecStart's program pointed at this Python's
-    console script (verify insists that it exists), arguments unchanged."""
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        pytest.fail("systemd-analyze is missing: apt-get install -y systemd", pytrace=False)
-    script = Path(sys.executable).parent / "bangui-geo"
-    assert script.exists(), f"{script} missing: pip install -e . first"
-    path = folder / UNIT.name
-    path.write_text(text.replace("/opt/bangui-geo/.venv/bin/bangui-geo", str(script)))
-    return subprocess.run(
-        [tool, "verify", "--man=no", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return read_unit(UNIT)
 
 
 def test_the_unit_verifies_with_no_unknown_or_bad_setting(tmp_path: Path) -> None:
-    done = verify(UNIT.read_text(), tmp_path)
+    done = verify(UNIT.name, UNIT.read_text(), tmp_path)
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
 
 
 def test_verify_does_report_a_misspelled_setting(tmp_path: Path) -> None:
     text = UNIT.read_text().replace("ProtectSystem=strict", "ProtectSystm=strict")
-    done = verify(text, tmp_path)
+    done = verify(UNIT.name, text, tmp_path)
     assert "Unknown key" in done.stderr
     assert "ProtectSystm" in done.stderr
 
