@@ -19,13 +19,12 @@ from shared.amqp.connection import (
 )
 from shared.amqp.service import Amqp, AmqpPublisher, AmqpTicket, Consumer
 from shared.amqp.tools import (
-    DeadLetter,
     ExchangePublisher,
     ReplayOutcome,
-    dead_letter_from,
     peek_dead_letters,
     replay_dead_letters,
 )
+from shared.deadletters import DeadLetter, dead_letter_from
 
 __all__ = [
     "Amqp",
