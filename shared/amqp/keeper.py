@@ -90,30 +90,32 @@ class TopologyKeeper:
         return every + [b for b in self.own if b not in every]
 
     async def _ensure(self, kind: str, name: str, active: Operation, passive: Operation) -> None:
-        if self.may_configure is not False:
-            try:
-                await self._run(active)
-            except ChannelAccessRefused:
-                self.may_configure = False
-                log.info("amqp_topology_checked_passively", user=self.user, first=f"{kind} {name}")
-            except ChannelPreconditionFailed as exc:
-                raise self._mismatch(kind, name, exc) from None
-            else:
-                self.may_configure = True
-                return
+        """Passively first (needs no permission); then actively where it is missing, or to
+        check its arguments while this user may configure it."""
         try:
             await self._run(passive)
         except ChannelNotFoundEntity:
-            pass
+            exists = False
         else:
-            return
-        try:  # missing: create it if this user may after all
+            exists = True
+            if self.may_configure is False:
+                return
+        try:
             await self._run(active)
         except ChannelAccessRefused:
+            if self.may_configure is None:
+                log.info("amqp_topology_checked_passively", user=self.user)
+            self.may_configure = False
+            if exists:
+                return
             raise TopologyLost(
                 f"{kind} {name!r} does not exist and user {self.user!r} may not create it: {OWNER}"
             ) from None
-        log.warning("amqp_topology_restored", kind=kind, name=name)
+        except ChannelPreconditionFailed as exc:
+            raise self._mismatch(kind, name, exc) from None
+        self.may_configure = True
+        if not exists:
+            log.info("amqp_topology_created", kind=kind, name=name)
 
     def _mismatch(self, kind: str, name: str, exc: BaseException) -> TopologyMismatch:
         if kind != "queue":

@@ -126,7 +126,9 @@ class AmqpPublisher:
         connection: AbstractRobustConnection,
         confirm_timeout: float,
     ) -> AmqpPublisher:
-        exchange = await channel.get_exchange(topology.EXCHANGE)
+        # Not declared (the keeper checks it): a restore after a lost channel or connection
+        # must not fail on an exchange that is gone for a moment.
+        exchange = await channel.get_exchange(topology.EXCHANGE, ensure=False)
         return cls(exchange, DeadLetterChannel(connection, confirm_timeout), confirm_timeout)
 
     async def publish(
@@ -469,7 +471,7 @@ class Amqp:
         channel = await open_channel(self.connection, prefetch)
         self._channels.append(channel)
         queue = await channel.declare_queue(name, exclusive=True, durable=False)
-        exchange = await channel.get_exchange(topology.EXCHANGE)
+        exchange = await channel.get_exchange(topology.EXCHANGE, ensure=False)
         for key in routing_keys:
             await queue.bind(exchange, routing_key=key)
         self.keeper.own.extend(own_bindings(name, routing_keys))  # re-bound if deleted

@@ -26,6 +26,7 @@ from tests.integration.deployment import (
     publishing,
 )
 from tests.integration.support import (
+    REPO_ROOT,
     ServiceProcess,
     async_poll,
     publish,
@@ -239,3 +240,146 @@ def test_admin_user_reaches_the_management_ui(deployment: Deployment) -> None:
             "/api/whoami",
             auth=(deployment.users[PUBLISHER], dev_password(PUBLISHER)),
         )
+
+
+# --- the README's table of what each user may do ------------------------------------------------
+
+README = REPO_ROOT / "README.md"
+TABLE_HEADING = "### Broker users: what each may do"
+MANAGEMENT_LOGIN = "log in to the management UI"
+
+
+def bound(queue_name: str, exchange: str, key: str) -> Callable[[AbstractChannel], Any]:
+    """Bind and leave the binding (re-binding a queue's own key is what a service does)."""
+
+    async def action(channel: AbstractChannel) -> None:
+        queue = await channel.get_queue(queue_name, ensure=True)
+        await queue.bind(await channel.get_exchange(exchange, ensure=False), routing_key=key)
+
+    return action
+
+
+def taking(queue_name: str) -> Callable[[AbstractChannel], Any]:
+    """Declare an exclusive queue, then delete it, so the next user may take it too."""
+
+    async def action(channel: AbstractChannel) -> None:
+        queue = await channel.declare_queue(queue_name, exclusive=True)
+        await queue.delete(if_unused=False, if_empty=False)
+
+    return action
+
+
+def unbinding(queue_name: str, exchange: str, key: str) -> Callable[[AbstractChannel], Any]:
+    async def action(channel: AbstractChannel) -> None:
+        queue = await channel.get_queue(queue_name, ensure=True)
+        await queue.unbind(await channel.get_exchange(exchange, ensure=False), routing_key=key)
+
+    return action
+
+
+def purging(queue_name: str) -> Callable[[AbstractChannel], Any]:
+    async def action(channel: AbstractChannel) -> None:
+        await (await channel.get_queue(queue_name, ensure=True)).purge()
+
+    return action
+
+
+def deleting_queue(name: str) -> Callable[[AbstractChannel], Any]:
+    async def action(channel: AbstractChannel) -> None:
+        await channel.queue_delete(name)
+
+    return action
+
+
+def deleting_exchange(name: str) -> Callable[[AbstractChannel], Any]:
+    async def action(channel: AbstractChannel) -> None:
+        await channel.exchange_delete(name)
+
+    return action
+
+
+UPSERT_ARGUMENTS = {"x-dead-letter-exchange": "bangui.dlx", "x-single-active-consumer": True}
+# The README's rows, in its order (destructive ones last: the admin really does them).
+ACTIONS: dict[str, Callable[[AbstractChannel], Any]] = {
+    "publish `ip.seen` on `bangui`": publishing("bangui", "ip.seen"),
+    "publish `geo.upsert` on `bangui`": publishing("bangui", "geo.upsert"),
+    "publish `ip.resolved` on `bangui`": publishing("bangui", "ip.resolved"),
+    "publish `geo.flush` on `bangui`": publishing("bangui", "geo.flush"),
+    "publish `geo.re_resolve` on `bangui`": publishing("bangui", "geo.re_resolve"),
+    "publish `geo.retry` on `bangui`": publishing("bangui", "geo.retry"),
+    "publish `ip.seen` on `bangui.dlx`": publishing("bangui.dlx", "ip.seen"),
+    "publish `geo.upsert` on `bangui.dlx`": publishing("bangui.dlx", "geo.upsert"),
+    "consume `geo.resolver.ip_seen`": consuming("geo.resolver.ip_seen"),
+    "consume `geo.persistence.upsert`": consuming("geo.persistence.upsert"),
+    "consume `geo.dead_letter`": consuming("geo.dead_letter"),
+    "take the lock `geo.timer.leader`": taking("geo.timer.leader"),
+    "declare a queue `geo.resolver.flush.<host>.<pid>`": taking("geo.resolver.flush.table.1"),
+    "declare any other queue (`geo.tap`)": taking("geo.tap"),
+    "redeclare `geo.persistence.upsert`": declaring(
+        "geo.persistence.upsert", durable=True, arguments=UPSERT_ARGUMENTS
+    ),
+    "bind `geo.resolver.ip_seen` to `ip.seen`": bound("geo.resolver.ip_seen", "bangui", "ip.seen"),
+    "bind `geo.persistence.upsert` to `geo.upsert`": bound(
+        "geo.persistence.upsert", "bangui", "geo.upsert"
+    ),
+    "bind `geo.persistence.upsert` to `ip.seen`": binding(
+        "geo.persistence.upsert", "bangui", "ip.seen"
+    ),
+    "bind `geo.resolver.ip_seen` to `#`": binding("geo.resolver.ip_seen", "bangui", "#"),
+    "purge `geo.persistence.upsert`": purging("geo.persistence.upsert"),
+    "unbind `geo.dead_letter` from `bangui.dlx`": unbinding("geo.dead_letter", "bangui.dlx", "#"),
+    "delete the queue `geo.persistence.upsert`": deleting_queue("geo.persistence.upsert"),
+    "delete the queue `geo.dead_letter`": deleting_queue("geo.dead_letter"),
+    "delete the exchange `bangui`": deleting_exchange("bangui"),
+}
+
+
+def readme_table() -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The users (columns) and, per action (row), "ok" or "refused" for each user."""
+    section = README.read_text().split(TABLE_HEADING, 1)[1]
+    lines = section.split("\n|", 1)[1].split("\n\n", 1)[0].splitlines()
+    rows = [[cell.strip() for cell in ("|" + line).strip("|").split("|")] for line in lines]
+    users = [cell.strip("`") for cell in rows[0][1:]]
+    table = {}
+    for action, *cells in rows[2:]:
+        assert set(cells) <= {"yes", "no"}, action
+        pairs = zip(users, cells, strict=True)
+        table[action] = {user: "ok" if cell == "yes" else "refused" for user, cell in pairs}
+    return users, table
+
+
+def test_readme_table_rows_are_the_actions_tried() -> None:
+    users, table = readme_table()
+    assert users == [*SERVICES.values(), PUBLISHER, ADMIN]
+    assert list(table) == [*ACTIONS, MANAGEMENT_LOGIN]
+
+
+async def test_each_user_can_do_exactly_what_the_readme_table_says(
+    deployment: Deployment,
+) -> None:
+    users, expected = readme_table()
+    results: dict[str, dict[str, str]] = {action: {} for action in expected}
+    connections = {user: await aio_pika.connect_robust(deployment.url(user)) for user in users}
+    try:
+        for action, attempt in ACTIONS.items():  # row by row: the admin's deletes come last
+            for user in users:
+                results[action][user] = await outcome(connections[user], attempt)
+    finally:
+        for connection in connections.values():
+            await connection.close()
+    for user in users:
+        results[MANAGEMENT_LOGIN][user] = management_login(deployment, user)
+    assert results == expected
+
+
+def management_login(deployment: Deployment, user: str) -> str:
+    try:
+        management(
+            deployment.admin,
+            "GET",
+            "/api/whoami",
+            auth=(deployment.users[user], dev_password(user)),
+        )
+    except AssertionError as exc:  # management() turns an HTTP error into one
+        return "refused" if "HTTP 401" in str(exc) else f"failed: {exc}"
+    return "ok"
