@@ -104,7 +104,7 @@ async def test_each_user_publishes_only_its_own_routing_keys(deployment: Deploym
 async def test_dead_letter_exchange_takes_only_each_consumers_own_rejects(
     deployment: Deployment,
 ) -> None:
-    # A service republishes a reject to bangui.dlx with the routing key it arrived with; nothing
+    # A service republishes a reject to bangui.dlx under the routing key its queue is for; nothing
     # else may be written there (geo.dead_letter is bound with '#', and dead letters get replayed).
     cases = {
         ("geo-resolver", "ip.seen"): "ok",
