@@ -52,7 +52,10 @@ M = TypeVar("M", bound=BaseModel)
 log = structlog.get_logger("shared.amqp")
 
 TRANSIENT_BACKOFF = 1.0
-STUCK_AFTER_MIN_S = 120.0  # a delivery held longer than this (or 3 flush intervals) is stuck
+# A delivery held unsettled longer than this, or than 7 flush intervals (the resolver holds
+# deliveries until a flush, and its watchdog may take two periods of 3 intervals), is stuck.
+STUCK_AFTER_MIN_S = 120.0
+STUCK_AFTER_FLUSHES = 7
 DEAD_LETTER_FAILING_S = 300.0  # /health reports a failed dead letter for this long
 
 
@@ -426,7 +429,7 @@ class Amqp:
             settings.max_message_bytes,
             keeper,
             stop,
-            max(STUCK_AFTER_MIN_S, 3 * settings.flush_interval),
+            max(STUCK_AFTER_MIN_S, STUCK_AFTER_FLUSHES * settings.flush_interval),
         )
         wake = asyncio.Event()
         connection.reconnect_callbacks.add(lambda *_: wake.set())
