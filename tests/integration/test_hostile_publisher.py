@@ -262,3 +262,29 @@ async def test_replay_trusts_the_brokers_record_not_forged_headers(
     (back,) = await drain_queue(admin, "geo.resolver.ip_seen")
     assert json.loads(back.body) == PLANTED
     assert not any(str(h).startswith("x-") for h in (back.headers or {}))  # replayed bare
+
+
+async def test_a_cc_or_bcc_copy_keeps_the_routing_key_it_was_published_with(
+    amqp_url: str,
+) -> None:
+    # What the consumers' check relies on: RabbitMQ delivers the copies with the publish's own
+    # routing key; it keeps the CC header and strips BCC.
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange("bangui", "topic", durable=True)
+        queues = {}
+        for key in ("ip.seen", "geo.upsert", "geo.re_resolve"):
+            queues[key] = await channel.declare_queue("", exclusive=True)
+            await queues[key].bind(exchange, key)
+        headers: dict[str, Any] = {"CC": ["geo.upsert"], "BCC": ["geo.re_resolve"]}
+        await exchange.publish(aio_pika.Message(b"{}", headers=headers), "ip.seen")
+        got = {}
+        for key, queue in queues.items():
+            message = await async_poll(
+                lambda q=queue: q.get(fail=False), deadline_s=5, what=f"the {key} copy"
+            )
+            got[key] = (message.routing_key, dict(message.headers or {}))
+    finally:
+        await connection.close()
+    assert got == dict.fromkeys(queues, ("ip.seen", {"CC": ["geo.upsert"]}))
