@@ -26,3 +26,13 @@ class StartupError(Exception):
 
 class TopologyMismatch(StartupError):
     """A queue exists on the broker with other arguments than this version declares."""
+
+
+class TopologyLost(StartupError):
+    """An exchange, queue or binding the service needs is missing and its user may not create
+    it (the broker definitions own the topology); the message names it and who must."""
+
+
+class ServiceFault(Exception):
+    """The service stopped itself because something it needs was lost while it ran (e.g. the
+    topology); logged as one line, exit code 1."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from shared.errors import StartupError
+from shared.errors import ServiceFault, StartupError
 from shared.logging import configure_logging
 from shared.settings import Settings, SettingsError, load_settings
 
@@ -66,6 +66,9 @@ async def run_service(service: str, settings: Settings, body: ServiceBody) -> in
         task.result()
     except StartupError as exc:  # the operator's to fix: one line, no traceback
         log.error("service_start_failed", reason=str(exc))
+        return 1
+    except ServiceFault as exc:  # stopped itself on purpose, after a graceful drain
+        log.error("service_failed", reason=str(exc))
         return 1
     except Exception as exc:
         log.exception("service_crashed", error=repr(exc))

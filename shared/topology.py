@@ -1,8 +1,9 @@
 """Names of the exchanges, routing keys and queues, declared once here as plain data.
 
-Every service declares the whole topology at start (idempotently), so any start order works and
-no service depends on another having run first. Changing a queue's arguments is a breaking change:
-RabbitMQ refuses a redeclaration with different arguments.
+With a user that may configure them (guest in development), every service declares the whole
+topology at start (idempotently), so any start order works; with the deployment's users the
+broker definitions own it and the services check it is there. Changing a queue's arguments is a
+breaking change: RabbitMQ refuses a redeclaration with different arguments.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ RESOLVED = "ip.resolved"  # event after each flush, for live dashboards; may hav
 REASON_HEADER = "x-geo-reject-reason"
 SERVICE_HEADER = "x-geo-rejected-by"
 QUEUE_HEADER = "x-geo-original-queue"
-ROUTING_KEY_HEADER = "x-geo-original-routing-key"
+ROUTING_KEY_HEADER = "x-geo-original-routing-key"  # the delivery's routing key
+# What a service never copies from a delivery into its dead letter (lower case): the broker's
+# record of earlier deaths, our own headers and the sender-selected routing headers, so that a
+# header a publisher forged cannot pass for the broker's or ours.
+UNTRUSTED_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-geo-", "cc", "bcc")
 
 
 QueueType = Literal["classic", "quorum"]
@@ -37,6 +42,11 @@ class QueueSpec:
     routing_keys: tuple[str, ...]
     dead_letter: bool = True  # commands expire silently instead of piling into geo.dead_letter
     single_active: bool = False  # one consumer at a time; the others wait as hot standbys
+
+    @property
+    def route(self) -> str:
+        """The routing key this queue is for: its dead letters go to ``bangui.dlx`` under it."""
+        return self.routing_keys[0]
 
     def declare_arguments(self, queue_type: QueueType = "classic") -> dict[str, Any]:
         args: dict[str, Any] = {}
@@ -72,3 +82,17 @@ RESOLVER_FLUSH_KEYS = (FLUSH,)
 
 # Exclusive, server-named-by-us queue whose holder is the one active timer.
 TIMER_LEADER_QUEUE = "geo.timer.leader"
+
+# Where a dead letter may be sent back by a replay: events and commands whose effect is still
+# wanted later. Timer commands are not replayed (the next tick sends a fresh one).
+REPLAYABLE_ROUTES = (IP_SEEN, RETRY, UPSERT)
+
+
+def route_of_queue(name: str) -> str | None:
+    """The routing key the queue ``name`` of our topology is for; None for a queue not ours."""
+    for spec in WORK_QUEUES:
+        if spec.name == name:
+            return spec.route
+    if name.startswith(RESOLVER_FLUSH_PREFIX):
+        return FLUSH
+    return None

@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -32,7 +33,7 @@ from services.agent.source import (
     read_bans,
 )
 from services.agent.statefile import save_state
-from shared.metrics import MetricsRegistry, serve_metrics
+from shared.metrics import Health, MetricsRegistry, serve_metrics
 from shared.settings import Settings
 
 SOURCE = "fail2ban"
@@ -130,6 +131,12 @@ def bodies_of(batch: Batch) -> list[bytes]:
     ]
 
 
+def _health(link: BrokerLink) -> Health:
+    if link.connected:
+        return Health("ok")
+    return Health("broker_disconnected", ("not connected to the broker",))
+
+
 def _iso(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
 
@@ -140,7 +147,7 @@ async def run_agent(
     log = structlog.get_logger("agent")
     status = AgentStatus(confirmed=position.anchor)
     link = BrokerLink(options.link, stop, log)
-    metrics = await serve_metrics(settings, agent_metrics(status, link), lambda: link.connected)
+    metrics = await serve_metrics(settings, agent_metrics(status, link), partial(_health, link))
     log.info(
         "agent_started",
         database=str(options.database),

@@ -16,22 +16,26 @@ def excerpt(body: bytes, limit: int) -> str:
 
 
 def render_letter(number: int, letter: DeadLetter, *, body_chars: int) -> str:
+    """The trusted origin (``shared.deadletters``): never a header a publisher could forge."""
+    delivered = letter.delivered_as if letter.delivered_as != letter.replay_key else None
     origin = " ".join(
         part
         for part in (
             f"rejected by {letter.rejected_by}" if letter.rejected_by else "",
             f"from {letter.original_queue}" if letter.original_queue else "",
+            f"delivered as {delivered}" if delivered else "",
         )
         if part
     )
-    head = f"#{number}  routing key {letter.replay_key or letter.routing_key or '-'}"
-    return "\n".join(
-        [
-            head + (f"  {origin}" if origin else ""),
-            f"    reason: {letter.reason}",
-            f"    body ({len(letter.body):,} bytes): {excerpt(letter.body, body_chars)}",
-        ]
-    )
+    head = f"#{number}  routing key {letter.replay_key or '-'}"
+    lines = [
+        head + (f"  {origin}" if origin else ""),
+        f"    reason: {letter.reason}",
+        f"    body ({len(letter.body):,} bytes): {excerpt(letter.body, body_chars)}",
+    ]
+    if letter.refusal is not None:
+        lines.append(f"    replay: {letter.refusal}")
+    return "\n".join(lines)
 
 
 def render_list(total: int, letters: Sequence[DeadLetter], *, body_chars: int) -> str:

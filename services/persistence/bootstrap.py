@@ -43,7 +43,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     async with AsyncExitStack() as resources:  # released in reverse order of acquisition
         repository = await SqliteGeoRepository.open(settings.db_path)
         resources.push_async_callback(repository.close)
-        amqp = await Amqp.open(settings, service="persistence")
+        amqp = await Amqp.open(settings, service="persistence", stop=stop)
         resources.push_async_callback(amqp.close)
         deps = PersistenceDeps(repository=repository, publisher=amqp.publisher)
         try:
@@ -60,7 +60,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 handler=partial(on_re_resolve, deps=deps),
             )
             registry = persistence_metrics(deps, repository, amqp)
-            metrics = await serve_metrics(settings, registry, amqp.healthy)
+            metrics = await serve_metrics(settings, registry, amqp.health)
             if metrics is not None:
                 resources.push_async_callback(metrics.stop)
             log.info("persistence_ready", db_path=str(settings.db_path))

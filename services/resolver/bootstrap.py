@@ -104,7 +104,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     async with AsyncExitStack() as resources:  # released in reverse order of acquisition
         lookup = build_lookup(settings)  # before the broker: a bad provider file fails fast
         resources.push_async_callback(lookup.close)
-        amqp = await Amqp.open(settings, service="resolver")
+        amqp = await Amqp.open(settings, service="resolver", stop=stop)
         resources.push_async_callback(amqp.close)
         deps = build_deps(settings, lookup=lookup, publisher=amqp.publisher, acker=amqp)
         try:
@@ -129,7 +129,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 prefetch=settings.prefetch,
                 deferred_handler=partial(on_retry_unresolved, deps=deps),
             )
-            metrics = await serve_metrics(settings, resolver_metrics(deps, amqp), amqp.healthy)
+            metrics = await serve_metrics(settings, resolver_metrics(deps, amqp), amqp.health)
             if metrics is not None:
                 resources.push_async_callback(metrics.stop)
             log.info("resolver_ready", provider=lookup.name, prefetch=settings.prefetch)

@@ -47,10 +47,10 @@ def _re_resolve(tick_id: str, issued_at: object) -> ReResolveStale:
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     log = structlog.get_logger("timer")
     async with AsyncExitStack() as resources:  # released in reverse order of acquisition
-        amqp = await Amqp.open(settings, service="timer")
+        amqp = await Amqp.open(settings, service="timer", stop=stop)
         resources.push_async_callback(amqp.close)
         status = TimerStatus()
-        metrics = await serve_metrics(settings, timer_metrics(status), amqp.healthy)
+        metrics = await serve_metrics(settings, timer_metrics(status), amqp.health)
         if metrics is not None:
             resources.push_async_callback(metrics.stop)
         reconnected = asyncio.Event()  # a leader checks its lock at once after a reconnect

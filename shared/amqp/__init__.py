@@ -4,7 +4,8 @@ It connects (robustly, with bounded retries, to one broker or in turn to the nod
 declares the topology, publishes models with publisher confirms, and consumes queues: it decodes
 each body into its model at the edge, sends what can never succeed to ``geo.dead_letter`` with
 the reason in a header, requeues transient failures after a back-off, and acks only after the
-handler's effect is durable. ``connection``, ``service`` and ``tools`` each hold one part.
+handler's effect is durable; it checks the topology is still there while a service runs.
+``connection``, ``service``, ``keeper`` and ``tools`` each hold one part.
 """
 
 from shared.amqp.connection import (
@@ -19,13 +20,12 @@ from shared.amqp.connection import (
 )
 from shared.amqp.service import Amqp, AmqpPublisher, AmqpTicket, Consumer
 from shared.amqp.tools import (
-    DeadLetter,
     ExchangePublisher,
     ReplayOutcome,
-    dead_letter_from,
     peek_dead_letters,
     replay_dead_letters,
 )
+from shared.deadletters import DeadLetter, dead_letter_from
 
 __all__ = [
     "Amqp",

@@ -1,6 +1,7 @@
 """What a service holds: a publisher with confirms, and consumers that decode at the edge,
 dead-letter what can never succeed, requeue transient failures and ack only once the work is
-durable (or hand a ticket to the handler, which acks later)."""
+durable (or hand a ticket to the handler, which acks later). Every delivery is settled, even one
+whose dead letter cannot be published; a keeper checks the topology while the service runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, TypeVar
+from urllib.parse import unquote, urlsplit
 
+import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
@@ -33,36 +36,103 @@ from shared.amqp.connection import (
     close_quietly,
     connect,
     connection_name,
-    declare_topology,
     json_message,
     open_channel,
 )
+from shared.amqp.keeper import TopologyKeeper, keep_topology, own_bindings
+from shared.deadletters import dead_letter_headers
 from shared.decode import decode
-from shared.errors import Rejected, Transient
-from shared.metrics import MetricsRegistry
+from shared.errors import Rejected, ServiceFault, TopologyLost, Transient
+from shared.metrics import ConsumerHealth, Health, MetricsRegistry, health_of
 from shared.ports import Ticket
-from shared.settings import Settings
+from shared.settings import Settings, split_amqp_urls
 
 M = TypeVar("M", bound=BaseModel)
 
 log = structlog.get_logger("shared.amqp")
 
 TRANSIENT_BACKOFF = 1.0
+# A delivery held unsettled longer than this, or than 7 flush intervals (the resolver holds
+# deliveries until a flush, and its watchdog may take two periods of 3 intervals), is stuck.
+STUCK_AFTER_MIN_S = 120.0
+STUCK_AFTER_FLUSHES = 7
+DEAD_LETTER_FAILING_S = 300.0  # /health reports a failed dead letter for this long
+
+
+class DeadLetterChannel:
+    """Publishes dead letters one at a time on a plain channel opened when needed.
+
+    A refused dead letter (a topic permission, a missing exchange) closes its channel: the next
+    one opens a fresh channel. A robust channel would instead reopen itself under the publishes
+    still in flight, and the broker closes the whole connection on that.
+    """
+
+    def __init__(self, connection: AbstractRobustConnection, timeout: float) -> None:
+        self._connection = connection
+        self._timeout = timeout
+        self._lock = asyncio.Lock()
+        self._channel: aiormq.abc.AbstractChannel | None = None
+
+    async def publish(self, body: bytes, *, route: str, headers: dict[str, Any]) -> None:
+        properties = aiormq.spec.Basic.Properties(
+            content_type="application/json", delivery_mode=2, headers=headers
+        )
+        async with self._lock:
+            channel = await self._open()
+            try:
+                await channel.basic_publish(
+                    body,
+                    exchange=topology.DEAD_LETTER_EXCHANGE,
+                    routing_key=route,
+                    mandatory=True,  # an unbound geo.dead_letter is a failure, not a silent drop
+                    properties=properties,
+                    timeout=self._timeout,
+                )
+            except BaseException:
+                self._channel = None
+                if not channel.is_closed:
+                    with suppress(Exception):
+                        await channel.close()
+                raise
+
+    async def _open(self) -> aiormq.abc.AbstractChannel:
+        if self._channel is None or self._channel.is_closed:
+            transport = self._connection.transport
+            if transport is None:
+                raise ConnectionError("not connected to the broker")
+            self._channel = await asyncio.wait_for(
+                transport.connection.channel(publisher_confirms=True), self._timeout
+            )
+        return self._channel
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            with suppress(Exception):
+                await channel.close()
 
 
 class AmqpPublisher:
     """Publishes on ``bangui`` with confirms; a group of publishes is confirmed together."""
 
-    def __init__(self, exchange: AbstractExchange, dlx: AbstractExchange, timeout: float) -> None:
+    def __init__(
+        self, exchange: AbstractExchange, dead_letters: DeadLetterChannel, timeout: float
+    ) -> None:
         self._exchange = exchange
-        self._dlx = dlx
+        self._dead_letters = dead_letters
         self._timeout = timeout
 
     @classmethod
-    async def create(cls, channel: AbstractChannel, confirm_timeout: float) -> AmqpPublisher:
-        exchange = await channel.get_exchange(topology.EXCHANGE)
-        dlx = await channel.get_exchange(topology.DEAD_LETTER_EXCHANGE)
-        return cls(exchange, dlx, confirm_timeout)
+    async def create(
+        cls,
+        channel: AbstractChannel,
+        connection: AbstractRobustConnection,
+        confirm_timeout: float,
+    ) -> AmqpPublisher:
+        # Not declared (the keeper checks it): a restore after a lost channel or connection
+        # must not fail on an exchange that is gone for a moment.
+        exchange = await channel.get_exchange(topology.EXCHANGE, ensure=False)
+        return cls(exchange, DeadLetterChannel(connection, confirm_timeout), confirm_timeout)
 
     async def publish(
         self,
@@ -104,17 +174,21 @@ class AmqpPublisher:
             raise Transient(f"publish to {routing_key} not confirmed: {exc!r}") from exc
 
     async def dead_letter(
-        self, body: bytes, *, routing_key: str, reason: str, service: str, queue: str
+        self, message: AbstractIncomingMessage, *, route: str, reason: str, service: str, queue: str
     ) -> None:
-        headers = {
-            topology.REASON_HEADER: reason,
-            topology.SERVICE_HEADER: service,
-            topology.QUEUE_HEADER: queue,
-            topology.ROUTING_KEY_HEADER: routing_key,
-        }
-        await self._dlx.publish(
-            json_message(body, expiration=None, headers=headers), routing_key, timeout=self._timeout
+        """Publish a copy of ``message`` to ``bangui.dlx`` under ``route``, what ``queue`` is
+        for (never the delivery's routing key, which a CC/BCC header may have carried there)."""
+        headers = dead_letter_headers(
+            message.headers,
+            reason=reason,
+            service=service,
+            queue=queue,
+            delivered_as=message.routing_key or "",
         )
+        await self._dead_letters.publish(message.body, route=route, headers=headers)
+
+    async def close(self) -> None:
+        await self._dead_letters.close()
 
 
 @dataclass(frozen=True)
@@ -141,12 +215,16 @@ class Consumer(Generic[M]):
     publisher: AmqpPublisher
     max_bytes: int
     routing_keys: frozenset[str]  # exact binding keys: anything else arrived by CC/BCC or by name
+    route: str  # what the queue is for: its dead letters' routing key on bangui.dlx
     consumed: int = 0
     dead_lettered: int = 0
+    dead_letter_failures: int = 0
     requeued: int = 0
     _tag: str | None = None
     _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
     _unsettled: dict[int, AbstractIncomingMessage] = field(default_factory=dict)
+    _received_at: dict[int, float] = field(default_factory=dict)  # monotonic, per unsettled tag
+    _dead_letter_failed_at: float | None = None
     _channel: object = None
 
     async def start(self) -> None:
@@ -168,6 +246,20 @@ class Consumer(Generic[M]):
     def unsettled(self) -> int:
         return len(self._unsettled)
 
+    def health(self, now: float) -> ConsumerHealth:
+        oldest = next(iter(self._unsettled), None)  # tags grow: the first is the oldest
+        since = self._received_at.get(oldest) if oldest is not None else None
+        failed = self._dead_letter_failed_at
+        return ConsumerHealth(
+            self.queue.name,
+            None if since is None else now - since,
+            None if failed is None else now - failed,
+        )
+
+    def _forget(self, tag: int) -> None:
+        self._unsettled.pop(tag, None)
+        self._received_at.pop(tag, None)
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
         if task is not None:
@@ -177,9 +269,11 @@ class Consumer(Generic[M]):
             # channel's deliveries are redelivered by the broker, so forget them.
             self._channel = message.channel
             self._unsettled.clear()
+            self._received_at.clear()
         tag = message.delivery_tag
         if tag is not None:
             self._unsettled[tag] = message
+            self._received_at[tag] = time.monotonic()
         try:
             await self._handle(message)
         finally:
@@ -223,6 +317,30 @@ class Consumer(Generic[M]):
             await self._settle(message)
 
     async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Dead-letter a copy, then ack; if the copy cannot be published, reject without
+        requeue (the broker dead-letters it where the queue has a dead-letter exchange, and
+        drops it where not): a poison message never stays unsettled."""
+        try:
+            await self.publisher.dead_letter(
+                message,
+                route=self.route,
+                reason=reason,
+                service=self.service,
+                queue=self.queue.name,
+            )
+        except Exception as exc:
+            self.dead_letter_failures += 1
+            self._dead_letter_failed_at = time.monotonic()
+            log.error(
+                "message_dead_letter_failed",
+                queue=self.queue.name,
+                routing_key=message.routing_key,
+                reason=reason,
+                error=repr(exc),
+                settled="rejected without requeue",
+            )
+            await self._settle(message, reject=True)
+            return
         self.dead_lettered += 1
         log.warning(
             "message_dead_lettered",
@@ -231,22 +349,19 @@ class Consumer(Generic[M]):
             reason=reason,
             bytes=len(message.body),
         )
-        await self.publisher.dead_letter(
-            message.body,
-            routing_key=message.routing_key or "",
-            reason=reason,
-            service=self.service,
-            queue=self.queue.name,
-        )
         await self._settle(message)
 
-    async def _settle(self, message: AbstractIncomingMessage, *, requeue: bool = False) -> None:
+    async def _settle(
+        self, message: AbstractIncomingMessage, *, requeue: bool = False, reject: bool = False
+    ) -> None:
         if message.delivery_tag is not None:
-            self._unsettled.pop(message.delivery_tag, None)
+            self._forget(message.delivery_tag)
         try:
             if requeue:
                 self.requeued += 1
                 await message.nack(requeue=True)
+            elif reject:
+                await message.reject(requeue=False)
             else:
                 await message.ack()
         except (AMQPConnectionError, ChannelInvalidStateError, RuntimeError) as exc:
@@ -262,10 +377,10 @@ class Consumer(Generic[M]):
         try:
             if multiple is not None:
                 for tag in [t for t in self._unsettled if t <= multiple]:
-                    del self._unsettled[tag]
+                    self._forget(tag)
                 await by_tag[multiple].ack(multiple=True)
             for tag in singles:
-                self._unsettled.pop(tag, None)
+                self._forget(tag)
                 await by_tag[tag].ack()
         except (AMQPConnectionError, ChannelInvalidStateError, RuntimeError) as exc:
             log.warning("ack_skipped", queue=self.queue.name, error=repr(exc))
@@ -276,23 +391,54 @@ class Consumer(Generic[M]):
 
 @dataclass
 class Amqp:
-    """A service's connection, its publisher channel and its consumers; closed in reverse order."""
+    """A service's connection, its publisher channels, its consumers and the keeper of its
+    topology; closed in reverse order."""
 
     service: str
     connection: AbstractRobustConnection
     channel: AbstractChannel
     publisher: AmqpPublisher
     max_bytes: int
+    keeper: TopologyKeeper
+    stop: asyncio.Event
+    stuck_after_s: float = STUCK_AFTER_MIN_S
     consumers: list[Consumer[Any]] = field(default_factory=list)
+    fault: str | None = None  # the topology was lost for good: the service stops on it
     _channels: list[AbstractChannel] = field(default_factory=list)
+    _keeping: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, settings: Settings, *, service: str) -> Amqp:
+    async def open(cls, settings: Settings, *, service: str, stop: asyncio.Event) -> Amqp:
+        """Connect and make sure the topology is there; what is missing and may not be created
+        raises ``TopologyLost`` (one line). Later losses set ``stop`` (see ``close``)."""
         connection = await connect(settings.amqp_url, name=connection_name(service))
-        channel = await open_channel(connection)
-        await declare_topology(channel, settings.queue_type)
-        publisher = await AmqpPublisher.create(channel, settings.publish_timeout)
-        return cls(service, connection, channel, publisher, settings.max_message_bytes)
+        try:
+            user = unquote(urlsplit(split_amqp_urls(settings.amqp_url)[0]).username or "guest")
+            keeper = TopologyKeeper(connection, user, settings.queue_type)
+            await keeper.ensure()
+            channel = await open_channel(connection)
+            publisher = await AmqpPublisher.create(channel, connection, settings.publish_timeout)
+        except BaseException:
+            await connection.close()
+            raise
+        amqp = cls(
+            service,
+            connection,
+            channel,
+            publisher,
+            settings.max_message_bytes,
+            keeper,
+            stop,
+            max(STUCK_AFTER_MIN_S, STUCK_AFTER_FLUSHES * settings.flush_interval),
+        )
+        wake = asyncio.Event()
+        connection.reconnect_callbacks.add(lambda *_: wake.set())
+        amqp._keeping = asyncio.create_task(keep_topology(keeper, wake, amqp._lost))
+        return amqp
+
+    def _lost(self, exc: TopologyLost) -> None:
+        self.fault = str(exc)
+        self.stop.set()
 
     async def consume(
         self,
@@ -304,10 +450,15 @@ class Amqp:
         deferred_handler: DeferredHandler[M] | None = None,
     ) -> Consumer[M]:
         """Start consuming ``spec`` on a channel of its own (so acks and prefetch are per queue)."""
+        bindings = own_bindings(spec.name, spec.routing_keys)
+        await self.keeper.ensure_bindings(bindings)  # restored at once if one was deleted
+        self.keeper.own.extend(bindings)
         channel = await open_channel(self.connection, prefetch)
         self._channels.append(channel)
         queue = await channel.get_queue(spec.name, ensure=True)
-        return await self._start(queue, spec.routing_keys, model, handler, deferred_handler)
+        return await self._start(
+            queue, spec.routing_keys, spec.route, model, handler, deferred_handler
+        )
 
     async def consume_private(
         self,
@@ -323,15 +474,17 @@ class Amqp:
         channel = await open_channel(self.connection, prefetch)
         self._channels.append(channel)
         queue = await channel.declare_queue(name, exclusive=True, durable=False)
-        exchange = await channel.get_exchange(topology.EXCHANGE)
+        exchange = await channel.get_exchange(topology.EXCHANGE, ensure=False)
         for key in routing_keys:
             await queue.bind(exchange, routing_key=key)
-        return await self._start(queue, routing_keys, model, handler, None)
+        self.keeper.own.extend(own_bindings(name, routing_keys))  # re-bound if deleted
+        return await self._start(queue, routing_keys, routing_keys[0], model, handler, None)
 
     async def _start(
         self,
         queue: AbstractQueue,
         routing_keys: Sequence[str],
+        route: str,
         model: type[M],
         handler: Handler[M] | None,
         deferred_handler: DeferredHandler[M] | None,
@@ -345,20 +498,35 @@ class Amqp:
             self.publisher,
             self.max_bytes,
             frozenset(routing_keys),
+            route,
         )
         await consumer.start()
         self.consumers.append(consumer)
         return consumer
 
-    def healthy(self) -> bool:
-        """Connected to the broker right now (a robust connection may be reconnecting)."""
-        return not self.connection.is_closed and self.connection.connected.is_set()
+    def health(self) -> Health:
+        """For /health: connected (a robust connection may be reconnecting), the topology
+        kept, no delivery held too long, no dead letter failed lately."""
+        now = time.monotonic()
+        return health_of(
+            connected=not self.connection.is_closed and self.connection.connected.is_set(),
+            fault=self.fault,
+            consumers=[c.health(now) for c in self.consumers],
+            stuck_after_s=self.stuck_after_s,
+            failing_for_s=DEAD_LETTER_FAILING_S,
+        )
 
     def register_metrics(self, registry: MetricsRegistry) -> None:
         """Per-queue delivery counters, read from the consumers' own counts."""
         rows = (
             ("geo_messages_consumed_total", "counter", "Deliveries received.", "consumed"),
             ("geo_dead_letters_total", "counter", "Sent to geo.dead_letter.", "dead_lettered"),
+            (
+                "geo_dead_letter_failures_total",
+                "counter",
+                "Dead letters that could not be published (rejected to the broker instead).",
+                "dead_letter_failures",
+            ),
             ("geo_messages_requeued_total", "counter", "Requeued after a failure.", "requeued"),
             ("geo_deliveries_unacked", "gauge", "Received, not yet settled.", "unsettled"),
         )
@@ -402,6 +570,13 @@ class Amqp:
             await consumer.stop(max(0.0, deadline - time.monotonic()))
 
     async def close(self) -> None:
+        """Close everything; raise ``ServiceFault`` if the service stopped on a lost topology."""
+        if self._keeping is not None:
+            self._keeping.cancel()
+            await asyncio.gather(self._keeping, return_exceptions=True)
+        await self.publisher.close()
         for channel in reversed([self.channel, *self._channels]):
             await close_quietly(channel)
         await self.connection.close()
+        if self.fault is not None:
+            raise ServiceFault(self.fault)

@@ -4,7 +4,7 @@ dead-letter queue looked at and replayed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -35,6 +35,7 @@ from shared.amqp.connection import (
     open_channel,
     redacted,
 )
+from shared.deadletters import DeadLetter, dead_letter_from
 
 log = structlog.get_logger("shared.amqp")
 
@@ -117,48 +118,6 @@ class ExchangePublisher:
         await self.connection.close()
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    """A message in ``geo.dead_letter``: why it is there and where a replay would send it."""
-
-    body: bytes
-    routing_key: str  # as it reached geo.dead_letter
-    replay_key: str | None  # the routing key it had on ``bangui``, if known
-    reason: str
-    rejected_by: str | None
-    original_queue: str | None
-
-
-def _text(value: object) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value if isinstance(value, str) and value else None
-
-
-def dead_letter_from(body: bytes, routing_key: str, headers: Mapping[str, object]) -> DeadLetter:
-    """Read our ``x-geo-*`` headers, or the broker's ``x-death`` for its own dead-lettering."""
-    death: Mapping[str, object] = {}
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
-        death = deaths[0]  # the most recent death comes first
-    death_keys = death.get("routing-keys")
-    death_key = _text(death_keys[0]) if isinstance(death_keys, list) and death_keys else None
-    reason = _text(headers.get(topology.REASON_HEADER))
-    if reason is None:
-        broker_reason = _text(death.get("reason"))
-        reason = f"dead-lettered by the broker: {broker_reason}" if broker_reason else "unknown"
-    return DeadLetter(
-        body=body,
-        routing_key=routing_key,
-        replay_key=_text(headers.get(topology.ROUTING_KEY_HEADER))
-        or death_key
-        or (routing_key or None),
-        reason=reason,
-        rejected_by=_text(headers.get(topology.SERVICE_HEADER)),
-        original_queue=_text(headers.get(topology.QUEUE_HEADER)) or _text(death.get("queue")),
-    )
-
-
 def _letter(message: AbstractIncomingMessage) -> DeadLetter:
     return dead_letter_from(message.body, message.routing_key or "", dict(message.headers))
 
@@ -217,8 +176,9 @@ async def replay_dead_letters(
     limit: int,
     dry_run: bool = False,
 ) -> list[ReplayOutcome]:
-    """Republish dead letters to ``bangui`` with their original routing keys, each acked only
-    after its republish is confirmed; those that cannot go back stay in the queue.
+    """Republish dead letters to ``bangui`` on their trusted routes (``shared.deadletters``),
+    bare of headers, each acked only after its republish is confirmed; those that may not or
+    cannot go back stay in the queue, with the reason in their outcome.
 
     At most the number of messages present at the start are taken, so a message that fails
     again and returns to the queue during the replay is not replayed twice.
@@ -234,9 +194,10 @@ async def replay_dead_letters(
             if message is None:
                 break
             letter = _letter(message)
-            if letter.replay_key is None:
+            if letter.refusal is not None or letter.replay_key is None:
                 kept.append(message)
-                outcomes.append(ReplayOutcome(letter, False, "kept: no original routing key"))
+                note = letter.refusal or "kept: no route back"
+                outcomes.append(ReplayOutcome(letter, False, note))
                 continue
             if dry_run:
                 kept.append(message)

@@ -243,7 +243,7 @@ async def dead_letter_directly(url: str, body: dict[str, Any], original_key: str
                 },
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
-            routing_key="replay.test",  # the header, not this key, says where it came from
+            routing_key="ip.seen",  # a service dead-letters under what its queue is for
         )
     finally:
         await connection.close()

@@ -1,33 +1,33 @@
 """deploy/rabbitmq/definitions.json on a real broker: each service runs with its own user, and no
-user can do more than its part.
-
-The file is imported as RabbitMQ imports it at boot (POST /api/definitions, the same importer),
-with the vhost and the user names given a unique suffix so that runs never collide; users are
-global, so they are deleted afterwards with the vhost. The passwords are the development ones
-whose hashes the file carries, so a login also proves the hashes.
-"""
+user can do more than its part (the vhost is loaded as the broker loads it at boot)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import urllib.error
-import urllib.request
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from aiormq.exceptions import ChannelAccessRefused
+from aio_pika.abc import AbstractChannel
 
-from tests.broker import BrokerAdmin
 from tests.integration.agent_support import AgentProcess, Fail2banServer
+from tests.integration.deployment import (
+    ADMIN,
+    PUBLISHER,
+    READY_EVENT,
+    SERVICES,
+    Deployment,
+    binding,
+    consuming,
+    declaring,
+    dev_password,
+    management,
+    outcome,
+    publishing,
+)
 from tests.integration.support import (
     REPO_ROOT,
     ServiceProcess,
@@ -40,148 +40,7 @@ from tests.integration.support import (
 
 pytestmark = pytest.mark.integration
 
-DEFINITIONS = REPO_ROOT / "deploy" / "rabbitmq" / "definitions.json"
-SERVICES = {"resolver": "geo-resolver", "timer": "geo-timer", "persistence": "geo-persistence"}
-PUBLISHER = "bangui-publisher"
-ADMIN = "bangui-admin"
-READY_EVENT = {
-    "resolver": "resolver_ready",
-    "timer": "timer_leading",
-    "persistence": "persistence_ready",
-}
 KEYS = ("ip.seen", "geo.flush", "geo.re_resolve", "geo.upsert", "geo.retry", "ip.resolved")
-
-
-def dev_password(user: str) -> str:
-    """The development-only password of a user in definitions.json (deploy/README.md)."""
-    return f"dev-only-{user}"
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """definitions.json imported under a unique vhost and unique user names."""
-
-    admin: BrokerAdmin
-    vhost: str
-    users: dict[str, str]  # name in the file -> name on the broker
-
-    def url(self, user: str) -> str:
-        parts = urlsplit(self.admin.amqp_url)
-        netloc = f"{quote(self.users[user], safe='')}:{quote(dev_password(user), safe='')}@"
-        netloc += f"{parts.hostname}:{parts.port or 5672}"
-        return urlunsplit((parts.scheme, netloc, "/" + quote(self.vhost, safe=""), "", ""))
-
-
-def management(
-    admin: BrokerAdmin,
-    method: str,
-    path: str,
-    body: object | None = None,
-    *,
-    auth: tuple[str, str] | None = None,
-) -> Any:
-    user, password = auth or (admin.user, admin.password)
-    request = urllib.request.Request(
-        admin.management_url + path,
-        data=None if body is None else json.dumps(body).encode(),
-        method=method,
-    )
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            text = response.read()
-    except urllib.error.HTTPError as exc:
-        raise AssertionError(f"{method} {path}: HTTP {exc.code} {exc.read()[:500]!r}") from None
-    return json.loads(text) if text else None
-
-
-def renamed(definitions: dict[str, Any], vhost: str, users: dict[str, str]) -> dict[str, Any]:
-    """The same definitions with the vhost and every user name replaced."""
-    out = json.loads(json.dumps(definitions))
-    out["vhosts"] = [{**v, "name": vhost} for v in out["vhosts"]]
-    for user in out["users"]:
-        user["name"] = users[user["name"]]
-    for kind in ("permissions", "topic_permissions", "exchanges", "queues", "bindings"):
-        for item in out[kind]:
-            item["vhost"] = vhost
-            if "user" in item:
-                item["user"] = users[item["user"]]
-    return out
-
-
-@pytest.fixture
-def deployment(broker_admin: BrokerAdmin) -> Iterator[Deployment]:
-    definitions = json.loads(DEFINITIONS.read_text())
-    suffix = uuid.uuid4().hex[:12]
-    vhost = f"bangui-lp-{suffix}"
-    users = {u["name"]: f"{u['name']}-lp-{suffix}" for u in definitions["users"]}
-    assert set(users) == {*SERVICES.values(), PUBLISHER, ADMIN}
-    try:
-        management(broker_admin, "POST", "/api/definitions", renamed(definitions, vhost, users))
-        yield Deployment(broker_admin, vhost, users)
-    finally:
-        for path in [f"/api/vhosts/{quote(vhost, safe='')}"] + [
-            f"/api/users/{quote(name, safe='')}" for name in users.values()
-        ]:
-            try:
-                management(broker_admin, "DELETE", path)
-            except AssertionError as exc:
-                if "HTTP 404" not in str(exc):
-                    raise
-
-
-async def outcome(
-    connection: AbstractRobustConnection, action: Callable[[AbstractChannel], Awaitable[Any]]
-) -> str:
-    """Run one operation on a fresh channel: "ok", or "refused" when the broker closed the
-    channel with ACCESS_REFUSED (any other error fails the test)."""
-    channel = await connection.channel(publisher_confirms=True)
-    try:
-        await action(channel)
-    except ChannelAccessRefused as exc:
-        return "refused" if "ACCESS_REFUSED" in str(exc) else f"refused? {exc}"
-    await channel.close()
-    return "ok"
-
-
-def publishing(exchange: str, key: str, body: bytes = b"{}") -> Callable[[AbstractChannel], Any]:
-    async def action(channel: AbstractChannel) -> None:
-        target = await channel.get_exchange(exchange, ensure=False)
-        await target.publish(aio_pika.Message(body), routing_key=key, mandatory=False)
-
-    return action
-
-
-async def _requeue(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-    await message.nack(requeue=True)
-
-
-def consuming(queue_name: str) -> Callable[[AbstractChannel], Any]:
-    async def action(channel: AbstractChannel) -> None:
-        queue = await channel.get_queue(queue_name, ensure=True)  # passive: needs no permission
-        tag = await queue.consume(_requeue)
-        await queue.cancel(tag)
-
-    return action
-
-
-def binding(queue_name: str, exchange: str, key: str) -> Callable[[AbstractChannel], Any]:
-    async def action(channel: AbstractChannel) -> None:
-        queue = await channel.get_queue(queue_name, ensure=True)
-        source = await channel.get_exchange(exchange, ensure=False)
-        await queue.bind(source, routing_key=key)
-        await queue.unbind(source, routing_key=key)
-
-    return action
-
-
-def declaring(queue_name: str, **kwargs: Any) -> Callable[[AbstractChannel], Any]:
-    async def action(channel: AbstractChannel) -> None:
-        await channel.declare_queue(queue_name, **kwargs)
-
-    return action
 
 
 async def test_each_service_runs_the_pipeline_with_its_own_user(
@@ -249,7 +108,7 @@ async def test_each_user_publishes_only_its_own_routing_keys(deployment: Deploym
 async def test_dead_letter_exchange_takes_only_each_consumers_own_rejects(
     deployment: Deployment,
 ) -> None:
-    # A service republishes a reject to bangui.dlx with the routing key it arrived with; nothing
+    # A service republishes a reject to bangui.dlx under the routing key its queue is for; nothing
     # else may be written there (geo.dead_letter is bound with '#', and dead letters get replayed).
     cases = {
         ("geo-resolver", "ip.seen"): "ok",
@@ -414,3 +273,146 @@ async def test_the_agent_runs_as_the_publisher_user(deployment: Deployment, tmp_
     text = agent.log_path.read_text()
     assert "ACCESS_REFUSED" not in text
     assert not [e for e in agent.log_events() if e.get("level") in ("error", "critical")]
+
+
+# --- the README's table of what each user may do ------------------------------------------------
+
+README = REPO_ROOT / "README.md"
+TABLE_HEADING = "### Broker users: what each may do"
+MANAGEMENT_LOGIN = "log in to the management UI"
+
+
+def bound(queue_name: str, exchange: str, key: str) -> Callable[[AbstractChannel], Any]:
+    """Bind and leave the binding (re-binding a queue's own key is what a service does)."""
+
+    async def action(channel: AbstractChannel) -> None:
+        queue = await channel.get_queue(queue_name, ensure=True)
+        await queue.bind(await channel.get_exchange(exchange, ensure=False), routing_key=key)
+
+    return action
+
+
+def taking(queue_name: str) -> Callable[[AbstractChannel], Any]:
+    """Declare an exclusive queue, then delete it, so the next user may take it too."""
+
+    async def action(channel: AbstractChannel) -> None:
+        queue = await channel.declare_queue(queue_name, exclusive=True)
+        await queue.delete(if_unused=False, if_empty=False)
+
+    return action
+
+
+def unbinding(queue_name: str, exchange: str, key: str) -> Callable[[AbstractChannel], Any]:
+    async def action(channel: AbstractChannel) -> None:
+        queue = await channel.get_queue(queue_name, ensure=True)
+        await queue.unbind(await channel.get_exchange(exchange, ensure=False), routing_key=key)
+
+    return action
+
+
+def purging(queue_name: str) -> Callable[[AbstractChannel], Any]:
+    async def action(channel: AbstractChannel) -> None:
+        await (await channel.get_queue(queue_name, ensure=True)).purge()
+
+    return action
+
+
+def deleting_queue(name: str) -> Callable[[AbstractChannel], Any]:
+    async def action(channel: AbstractChannel) -> None:
+        await channel.queue_delete(name)
+
+    return action
+
+
+def deleting_exchange(name: str) -> Callable[[AbstractChannel], Any]:
+    async def action(channel: AbstractChannel) -> None:
+        await channel.exchange_delete(name)
+
+    return action
+
+
+UPSERT_ARGUMENTS = {"x-dead-letter-exchange": "bangui.dlx", "x-single-active-consumer": True}
+# The README's rows, in its order (destructive ones last: the admin really does them).
+ACTIONS: dict[str, Callable[[AbstractChannel], Any]] = {
+    "publish `ip.seen` on `bangui`": publishing("bangui", "ip.seen"),
+    "publish `geo.upsert` on `bangui`": publishing("bangui", "geo.upsert"),
+    "publish `ip.resolved` on `bangui`": publishing("bangui", "ip.resolved"),
+    "publish `geo.flush` on `bangui`": publishing("bangui", "geo.flush"),
+    "publish `geo.re_resolve` on `bangui`": publishing("bangui", "geo.re_resolve"),
+    "publish `geo.retry` on `bangui`": publishing("bangui", "geo.retry"),
+    "publish `ip.seen` on `bangui.dlx`": publishing("bangui.dlx", "ip.seen"),
+    "publish `geo.upsert` on `bangui.dlx`": publishing("bangui.dlx", "geo.upsert"),
+    "consume `geo.resolver.ip_seen`": consuming("geo.resolver.ip_seen"),
+    "consume `geo.persistence.upsert`": consuming("geo.persistence.upsert"),
+    "consume `geo.dead_letter`": consuming("geo.dead_letter"),
+    "take the lock `geo.timer.leader`": taking("geo.timer.leader"),
+    "declare a queue `geo.resolver.flush.<host>.<pid>`": taking("geo.resolver.flush.table.1"),
+    "declare any other queue (`geo.tap`)": taking("geo.tap"),
+    "redeclare `geo.persistence.upsert`": declaring(
+        "geo.persistence.upsert", durable=True, arguments=UPSERT_ARGUMENTS
+    ),
+    "bind `geo.resolver.ip_seen` to `ip.seen`": bound("geo.resolver.ip_seen", "bangui", "ip.seen"),
+    "bind `geo.persistence.upsert` to `geo.upsert`": bound(
+        "geo.persistence.upsert", "bangui", "geo.upsert"
+    ),
+    "bind `geo.persistence.upsert` to `ip.seen`": binding(
+        "geo.persistence.upsert", "bangui", "ip.seen"
+    ),
+    "bind `geo.resolver.ip_seen` to `#`": binding("geo.resolver.ip_seen", "bangui", "#"),
+    "purge `geo.persistence.upsert`": purging("geo.persistence.upsert"),
+    "unbind `geo.dead_letter` from `bangui.dlx`": unbinding("geo.dead_letter", "bangui.dlx", "#"),
+    "delete the queue `geo.persistence.upsert`": deleting_queue("geo.persistence.upsert"),
+    "delete the queue `geo.dead_letter`": deleting_queue("geo.dead_letter"),
+    "delete the exchange `bangui`": deleting_exchange("bangui"),
+}
+
+
+def readme_table() -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The users (columns) and, per action (row), "ok" or "refused" for each user."""
+    section = README.read_text().split(TABLE_HEADING, 1)[1]
+    lines = section.split("\n|", 1)[1].split("\n\n", 1)[0].splitlines()
+    rows = [[cell.strip() for cell in ("|" + line).strip("|").split("|")] for line in lines]
+    users = [cell.strip("`") for cell in rows[0][1:]]
+    table = {}
+    for action, *cells in rows[2:]:
+        assert set(cells) <= {"yes", "no"}, action
+        pairs = zip(users, cells, strict=True)
+        table[action] = {user: "ok" if cell == "yes" else "refused" for user, cell in pairs}
+    return users, table
+
+
+def test_readme_table_rows_are_the_actions_tried() -> None:
+    users, table = readme_table()
+    assert users == [*SERVICES.values(), PUBLISHER, ADMIN]
+    assert list(table) == [*ACTIONS, MANAGEMENT_LOGIN]
+
+
+async def test_each_user_can_do_exactly_what_the_readme_table_says(
+    deployment: Deployment,
+) -> None:
+    users, expected = readme_table()
+    results: dict[str, dict[str, str]] = {action: {} for action in expected}
+    connections = {user: await aio_pika.connect_robust(deployment.url(user)) for user in users}
+    try:
+        for action, attempt in ACTIONS.items():  # row by row: the admin's deletes come last
+            for user in users:
+                results[action][user] = await outcome(connections[user], attempt)
+    finally:
+        for connection in connections.values():
+            await connection.close()
+    for user in users:
+        results[MANAGEMENT_LOGIN][user] = management_login(deployment, user)
+    assert results == expected
+
+
+def management_login(deployment: Deployment, user: str) -> str:
+    try:
+        management(
+            deployment.admin,
+            "GET",
+            "/api/whoami",
+            auth=(deployment.users[user], dev_password(user)),
+        )
+    except AssertionError as exc:  # management() turns an HTTP error into one
+        return "refused" if "HTTP 401" in str(exc) else f"failed: {exc}"
+    return "ok"

@@ -491,12 +491,34 @@ def test_dead_letter_rendering_escapes_and_cuts_the_body() -> None:
     letter = dead_letter_from(
         b"not json",
         "ip.seen",
-        {"x-geo-reject-reason": "not valid JSON", "x-geo-rejected-by": "resolver"},
+        {
+            "x-geo-reject-reason": "not valid JSON",
+            "x-geo-rejected-by": "resolver",
+            "x-geo-original-queue": "geo.resolver.ip_seen",
+        },
     )
     assert render_letter(3, letter, body_chars=200).splitlines() == [
-        "#3  routing key ip.seen  rejected by resolver",
+        "#3  routing key ip.seen  rejected by resolver from geo.resolver.ip_seen",
         "    reason: not valid JSON",
         "    body (8 bytes): not json",
+    ]
+    smuggled = dead_letter_from(
+        b"{}",
+        "geo.upsert",
+        {
+            "x-geo-reject-reason": "not bound",
+            "x-geo-rejected-by": "persistence",
+            "x-geo-original-queue": "geo.persistence.upsert",
+            "x-geo-original-routing-key": "ip.seen",
+        },
+    )
+    assert render_letter(1, smuggled, body_chars=10).splitlines() == [
+        "#1  routing key geo.upsert  rejected by persistence from geo.persistence.upsert"
+        " delivered as ip.seen",
+        "    reason: not bound",
+        "    body (2 bytes): {}",
+        "    replay: kept: it reached geo.persistence.upsert as ip.seen, a route that queue is"
+        " not bound for (a CC/BCC header)",
     ]
 
 

@@ -557,9 +557,10 @@ PRIVATE_QUEUES = {"geo-resolver": FLUSH_QUEUE, "geo-timer": topology.TIMER_LEADE
 def required_permissions(user: str) -> dict[str, set[str]]:
     """The resources each operation touches, after RabbitMQ's access-control table.
 
-    The broker creates the durable topology from the definitions at boot, before it accepts
-    connections, so the services only ever redeclare existing queues. RabbitMQ checks read on
-    the queue and write on its dead-letter exchange only when a queue with a DLX is created
+    The broker definitions own the topology: the services declare the exchanges and durable
+    queues passively (no permission needed) and re-bind only the queues they consume, so each
+    user may configure only what its service owns (its exclusive queues). RabbitMQ checks read
+    on the queue and write on its dead-letter exchange only when a queue with a DLX is created
     (rabbit_channel, queue.declare), so those two are not needed, and not granted.
     """
     need: dict[str, set[str]] = {"configure": set(), "write": set(), "read": set()}
@@ -567,15 +568,11 @@ def required_permissions(user: str) -> dict[str, set[str]]:
         need["write"].add(topology.EXCHANGE)  # basic.publish
     if user == PUBLISHER:
         return need  # publishes only: no declaring, no binding, no consuming
-    durable = [*topology.WORK_QUEUES, topology.DEAD_LETTER]
-    exchanges = {topology.EXCHANGE, topology.DEAD_LETTER_EXCHANGE}
-    # declare_topology at every start: exchange.declare and queue.declare need configure,
-    # even when the entity exists...
-    need["configure"] |= exchanges | {q.name for q in durable}
-    need["write"] |= {q.name for q in durable}  # ...queue.bind needs write on the queue...
-    need["read"] |= exchanges  # ...and read on the exchange it binds from
-    need["read"] |= {spec.name for spec in CONSUMES[user]}  # basic.consume
-    if CONSUMES[user]:
+    consumed = {spec.name for spec in CONSUMES[user]}
+    need["write"] |= consumed  # queue.bind of its own queues writes to them...
+    need["read"] |= consumed  # ...basic.consume reads them...
+    if consumed:
+        need["read"].add(topology.EXCHANGE)  # ...and binding from bangui reads the exchange
         need["write"].add(topology.DEAD_LETTER_EXCHANGE)  # rejects are published to bangui.dlx
     private = PRIVATE_QUEUES.get(user)
     if private == FLUSH_QUEUE:  # declared, bound to geo.flush and consumed by each replica
@@ -595,13 +592,9 @@ def required_topic_permissions(user: str) -> dict[tuple[str, str], set[str]]:
         (topology.DEAD_LETTER_EXCHANGE, "write"): set(),
         (topology.DEAD_LETTER_EXCHANGE, "read"): set(),
     }
-    if user == PUBLISHER:
-        return need
-    for spec in topology.WORK_QUEUES:
+    for spec in CONSUMES[user]:  # its own queues' bindings; a reject goes out under their key
         need[(topology.EXCHANGE, "read")] |= set(spec.routing_keys)
-    need[(topology.DEAD_LETTER_EXCHANGE, "read")] |= set(topology.DEAD_LETTER.routing_keys)
-    for spec in CONSUMES[user]:  # a reject keeps its routing key on the way to bangui.dlx
-        need[(topology.DEAD_LETTER_EXCHANGE, "write")] |= set(spec.routing_keys)
+        need[(topology.DEAD_LETTER_EXCHANGE, "write")].add(spec.route)
     if user == "geo-resolver":
         need[(topology.EXCHANGE, "read")] |= set(topology.RESOLVER_FLUSH_KEYS)
         need[(topology.DEAD_LETTER_EXCHANGE, "write")] |= set(topology.RESOLVER_FLUSH_KEYS)

@@ -1,0 +1,134 @@
+"""What a dead letter says about itself, trusting only what the broker or our services wrote.
+
+A publisher may set any header, so a dead letter's origin is read from the broker's newest
+``x-death`` entry when the broker dead-lettered it (the queue it names, mapped by our topology),
+or from our ``x-geo-*`` headers when a service did (only services may write to ``bangui.dlx``,
+and they never copy those headers from a delivery). Pure, so the rules are unit-tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from shared import topology
+
+Writer = Literal["broker", "service", "unknown"]
+
+
+def dead_letter_headers(
+    incoming: Mapping[str, object] | None,
+    *,
+    reason: str,
+    service: str,
+    queue: str,
+    delivered_as: str,
+) -> dict[str, object]:
+    """The headers of the copy a service dead-letters: the delivery's own, minus every header
+    the broker or we would be trusted for, plus ours."""
+    kept = {
+        name: value
+        for name, value in (incoming or {}).items()
+        if not name.lower().startswith(topology.UNTRUSTED_HEADER_PREFIXES)
+    }
+    kept.update(
+        {
+            topology.REASON_HEADER: reason,
+            topology.SERVICE_HEADER: service,
+            topology.QUEUE_HEADER: queue,
+            topology.ROUTING_KEY_HEADER: delivered_as,
+        }
+    )
+    return kept
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message in ``geo.dead_letter``: why it is there and where a replay would send it."""
+
+    body: bytes
+    routing_key: str  # as it reached geo.dead_letter
+    replay_key: str | None  # the trusted route it came by on ``bangui``, if known
+    reason: str
+    rejected_by: str | None
+    original_queue: str | None
+    written_by: Writer = "unknown"  # who dead-lettered it, so whose record is trusted
+    delivered_as: str | None = None  # the routing key the rejected delivery had
+    refusal: str | None = None  # why a replay keeps it instead (None: it may go back)
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
+
+
+def _newest_death(headers: Mapping[str, object]) -> Mapping[str, object] | None:
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+        return deaths[0]  # the broker puts the death it just recorded first
+    return None
+
+
+def _refusal(route: str | None, queue: str | None, delivered_as: str | None) -> str | None:
+    if route is None:
+        where = f"from {queue}, not a queue of ours" if queue else "of unknown origin"
+        return f"kept: {where}"
+    if delivered_as is not None and delivered_as != route:
+        return (
+            f"kept: it reached {queue} as {delivered_as}, a route that queue is not bound for "
+            "(a CC/BCC header)"
+        )
+    if route not in topology.REPLAYABLE_ROUTES:
+        return f"kept: {route} is not replayed (the timer sends a fresh command each tick)"
+    return None
+
+
+def dead_letter_from(body: bytes, routing_key: str, headers: Mapping[str, object]) -> DeadLetter:
+    """Read who dead-lettered the message, and from which queue, from the trusted record only."""
+    death = _newest_death(headers)
+    if death is not None:  # the broker's own: x-geo-* and routing keys may be a publisher's
+        queue = _text(death.get("queue"))
+        route = topology.route_of_queue(queue) if queue else None
+        why = _text(death.get("reason"))
+        refusal = _refusal(route, queue, None)
+        return DeadLetter(
+            body=body,
+            routing_key=routing_key,
+            replay_key=route,
+            reason=f"dead-lettered by the broker: {why}" if why else "dead-lettered by the broker",
+            rejected_by=None,
+            original_queue=queue,
+            written_by="broker",
+            delivered_as=None,
+            refusal=refusal,
+        )
+    service = _text(headers.get(topology.SERVICE_HEADER))
+    if service is not None:  # one of ours published it to bangui.dlx
+        queue = _text(headers.get(topology.QUEUE_HEADER))
+        route = topology.route_of_queue(queue) if queue else None
+        delivered_as = _text(headers.get(topology.ROUTING_KEY_HEADER))
+        refusal = _refusal(route, queue, delivered_as)
+        if refusal is None and routing_key != route:
+            refusal = f"kept: dead-lettered as {routing_key}, but {queue} is for {route}"
+        return DeadLetter(
+            body=body,
+            routing_key=routing_key,
+            replay_key=route,
+            reason=_text(headers.get(topology.REASON_HEADER)) or "unknown",
+            rejected_by=service,
+            original_queue=queue,
+            written_by="service",
+            delivered_as=delivered_as,
+            refusal=refusal,
+        )
+    return DeadLetter(
+        body=body,
+        routing_key=routing_key,
+        replay_key=None,
+        reason="unknown",
+        rejected_by=None,
+        original_queue=None,
+        refusal="kept: neither the broker nor a service recorded where it came from",
+    )
