@@ -8,8 +8,10 @@ and they never copy those headers from a delivery). Pure, so the rules are unit-
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from shared import topology
@@ -56,6 +58,21 @@ class DeadLetter:
     written_by: Writer = "unknown"  # who dead-lettered it, so whose record is trusted
     delivered_as: str | None = None  # the routing key the rejected delivery had
     refusal: str | None = None  # why a replay keeps it instead (None: it may go back)
+    dead_at: datetime | None = None  # when the broker or the service dead-lettered it
+
+
+def matches(
+    letter: DeadLetter,
+    *,
+    now: datetime,
+    older_than: timedelta | None = None,
+    reason: re.Pattern[str] | None = None,
+) -> bool:
+    """Whether ``dead-letters purge`` removes ``letter``: every given criterion must hold, and a
+    letter of unknown age is never "older than" anything."""
+    if older_than is not None and (letter.dead_at is None or now - letter.dead_at < older_than):
+        return False
+    return reason is None or reason.search(letter.reason) is not None
 
 
 def _text(value: object) -> str | None:
@@ -85,8 +102,20 @@ def _refusal(route: str | None, queue: str | None, delivered_as: str | None) -> 
     return None
 
 
-def dead_letter_from(body: bytes, routing_key: str, headers: Mapping[str, object]) -> DeadLetter:
-    """Read who dead-lettered the message, and from which queue, from the trusted record only."""
+def _moment(value: object) -> datetime | None:
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def dead_letter_from(
+    body: bytes,
+    routing_key: str,
+    headers: Mapping[str, object],
+    timestamp: datetime | None = None,
+) -> DeadLetter:
+    """Read who dead-lettered the message, and from which queue, from the trusted record only
+    (``timestamp``: the AMQP property, which our services set when they dead-letter)."""
     death = _newest_death(headers)
     if death is not None:  # the broker's own: x-geo-* and routing keys may be a publisher's
         queue = _text(death.get("queue"))
@@ -103,6 +132,7 @@ def dead_letter_from(body: bytes, routing_key: str, headers: Mapping[str, object
             written_by="broker",
             delivered_as=None,
             refusal=refusal,
+            dead_at=_moment(death.get("time")),
         )
     service = _text(headers.get(topology.SERVICE_HEADER))
     if service is not None:  # one of ours published it to bangui.dlx
@@ -122,6 +152,7 @@ def dead_letter_from(body: bytes, routing_key: str, headers: Mapping[str, object
             written_by="service",
             delivered_as=delivered_as,
             refusal=refusal,
+            dead_at=_moment(timestamp),
         )
     return DeadLetter(
         body=body,

@@ -6,9 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from services.agent.position import START, Position, StateCorrupt
 from services.agent.runner import AgentOptions, run_agent
 from services.agent.source import DatabaseError, DatabaseMissing, check_database
 from services.agent.statefile import StateUnusable, check_writable, read_state
+from services.cli.durations import parse_age
 from shared.lifecycle import run_service
 from shared.logging import configure_logging
 from shared.settings import Settings, SettingsError, load_settings
@@ -28,8 +28,6 @@ DEFAULT_DATABASE = Path("/var/lib/fail2ban/fail2ban.sqlite3")  # fail2ban's defa
 DEFAULT_STATE = Path("/var/lib/bangui-geo/agent-state.json")
 CONNECT_TIMEOUT = 5.0
 EXIT_USAGE = 2
-_RELATIVE = re.compile(r"^(?P<n>\d+)(?P<unit>[smhdw])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,9 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_since(text: str, now: datetime) -> int:
     """Epoch seconds for ``--since``: an age before ``now`` or an ISO 8601 date/time."""
-    match = _RELATIVE.match(text.strip())
-    if match is not None:
-        age = timedelta(**{_UNITS[match["unit"]]: int(match["n"])})
+    age = parse_age(text)
+    if age is not None:
         return int((now - age).timestamp())
     try:
         when = datetime.fromisoformat(text.strip())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shared.amqp import DeadLetter, ReplayOutcome
+from shared.amqp import DeadLetter, PurgeReport, ReplayOutcome
 
 
 def excerpt(body: bytes, limit: int) -> str:
@@ -48,7 +48,9 @@ def render_list(total: int, letters: Sequence[DeadLetter], *, body_chars: int) -
     return "\n".join(lines)
 
 
-def render_replay(outcomes: Sequence[ReplayOutcome], *, dry_run: bool) -> str:
+def render_replay(total: int, outcomes: Sequence[ReplayOutcome], *, dry_run: bool) -> str:
+    """``total``: the dead letters in the queue when the replay began (``--limit`` may have
+    looked at fewer), so "left" counts the queue, not the page."""
     if not outcomes:
         return "geo.dead_letter is empty"
     lines = [
@@ -57,8 +59,24 @@ def render_replay(outcomes: Sequence[ReplayOutcome], *, dry_run: bool) -> str:
     ]
     replayed = sum(o.replayed for o in outcomes)
     if dry_run:
-        lines.append(f"dry run: nothing replayed; {len(outcomes):,} left in geo.dead_letter")
+        would = sum(o.note.startswith("would replay") for o in outcomes)
+        lines.append(
+            f"dry run: nothing replayed ({would:,} of the {len(outcomes):,} shown would be); "
+            f"{total:,} left in geo.dead_letter"
+        )
     else:
         kept = len(outcomes) - replayed
-        lines.append(f"replayed {replayed:,} of {len(outcomes):,}; {kept:,} kept in the queue")
+        lines.append(
+            f"replayed {replayed:,} of {len(outcomes):,}; {kept:,} kept; "
+            f"{total - replayed:,} left in geo.dead_letter"
+        )
     return "\n".join(lines)
+
+
+def purge_question(selected: int, total: int, criteria: str) -> str:
+    return f"purge {selected:,} of the {total:,} dead letters in geo.dead_letter ({criteria})?"
+
+
+def render_purge(report: PurgeReport) -> str:
+    left = report.total - report.purged
+    return f"purged {report.purged:,} dead letters; {left:,} left in geo.dead_letter"

@@ -11,27 +11,33 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import runpy
 import sys
 from collections.abc import Sequence
 from contextlib import closing
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from services.agent import command as agent_command
 from services.cli import backup, database, deadletters
+from services.cli.durations import format_age, parse_age
 from services.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
 from services.cli.inputs import InputError, from_arguments
 from services.cli.publish import PublishRequest, publish
 from services.cli.table import thousands
 from shared.amqp import (
+    BrokerConnection,
     BrokerError,
     connect_once,
     peek_dead_letters,
+    purge_dead_letters,
     replay_dead_letters,
 )
+from shared.deadletters import matches
 from shared.logging import configure_logging
 from shared.settings import Settings, SettingsError, load_settings
 
@@ -133,7 +139,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--limit", type=_positive, default=10_000, metavar="N")
     replay.add_argument("--dry-run", action="store_true", help="show what would be replayed")
+    purge = dead_commands.add_parser(
+        "purge",
+        parents=[broker],
+        help="remove dead letters for good (asks first unless --yes)",
+        description="Remove the dead letters that match every criterion given (none: all of "
+        "them). It counts them first and asks; --yes skips the question.",
+    )
+    purge.add_argument(
+        "--older-than",
+        type=_age,
+        metavar="AGE",
+        help="only those dead-lettered longer ago than AGE, e.g. 12h, 7d (unknown age: kept)",
+    )
+    purge.add_argument(
+        "--reason",
+        type=_pattern,
+        metavar="PATTERN",
+        help="only those whose reason matches this regular expression (case-insensitive)",
+    )
+    purge.add_argument("--limit", type=_positive, default=1_000_000, metavar="N")
+    purge.add_argument("-y", "--yes", action="store_true", help="do not ask")
     return parser
+
+
+def _age(text: str) -> timedelta:
+    age = parse_age(text)
+    if age is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age like 30m, 12h or 7d")
+    return age
+
+
+def _pattern(text: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text, re.IGNORECASE)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {exc}") from None
 
 
 def _positive(text: str) -> int:
@@ -250,18 +291,55 @@ async def _dead_letters(args: argparse.Namespace, settings: Settings) -> None:
         if args.dead_command == "list":
             total, letters = await peek_dead_letters(connection, limit=args.limit)
             print(deadletters.render_list(total, letters, body_chars=args.body_chars))
-        else:
-            outcomes = await replay_dead_letters(
+        elif args.dead_command == "replay":
+            total, outcomes = await replay_dead_letters(
                 connection,
                 confirm_timeout=settings.publish_timeout,
                 limit=args.limit,
                 dry_run=bool(args.dry_run),
             )
-            print(deadletters.render_replay(outcomes, dry_run=bool(args.dry_run)))
+            print(deadletters.render_replay(total, outcomes, dry_run=bool(args.dry_run)))
+        else:
+            await _purge(args, connection)
     except BrokerError as exc:
         raise CliError(str(exc)) from None
     finally:
         await connection.close()
+
+
+async def _purge(args: argparse.Namespace, connection: BrokerConnection) -> None:
+    now = datetime.now(UTC)
+    select = partial(matches, now=now, older_than=args.older_than, reason=args.reason)
+    criteria = (
+        ", ".join(
+            part
+            for part in (
+                f"older than {format_age(args.older_than)}" if args.older_than is not None else "",
+                f"reason matching {args.reason.pattern!r}" if args.reason is not None else "",
+            )
+            if part
+        )
+        or "all of them"
+    )
+    if not args.yes:
+        total, letters = await peek_dead_letters(connection, limit=args.limit)
+        selected = sum(select(letter) for letter in letters)
+        if selected == 0:
+            print(f"no dead letter matches ({criteria}); {total:,} in geo.dead_letter")
+            return
+        if not sys.stdin.isatty():
+            raise CliError(
+                f"{deadletters.purge_question(selected, total, criteria)} pass --yes to confirm "
+                "(stdin is not a terminal); nothing was purged",
+                EXIT_USAGE,
+            )
+        question = deadletters.purge_question(selected, total, criteria) + " [y/N] "
+        answer = await asyncio.to_thread(input, question)
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing was purged")
+            return
+    report = await purge_dead_letters(connection, select=select, limit=args.limit)
+    print(deadletters.render_purge(report))
 
 
 def _configure_logging(*, verbose: bool) -> None:

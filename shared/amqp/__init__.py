@@ -8,6 +8,8 @@ handler's effect is durable; it checks the topology is still there while a servi
 ``connection``, ``service``, ``keeper`` and ``tools`` each hold one part.
 """
 
+from aio_pika.abc import AbstractRobustConnection as BrokerConnection
+
 from shared.amqp.connection import (
     BrokerError,
     BrokerUnreachable,
@@ -21,8 +23,10 @@ from shared.amqp.connection import (
 from shared.amqp.service import Amqp, AmqpPublisher, AmqpTicket, Consumer
 from shared.amqp.tools import (
     ExchangePublisher,
+    PurgeReport,
     ReplayOutcome,
     peek_dead_letters,
+    purge_dead_letters,
     replay_dead_letters,
 )
 from shared.deadletters import DeadLetter, dead_letter_from
@@ -31,12 +35,14 @@ __all__ = [
     "Amqp",
     "AmqpPublisher",
     "AmqpTicket",
+    "BrokerConnection",
     "BrokerError",
     "BrokerUnreachable",
     "Consumer",
     "DeadLetter",
     "ExchangePublisher",
     "PublishFailed",
+    "PurgeReport",
     "ReplayOutcome",
     "connect",
     "connect_once",
@@ -44,6 +50,7 @@ __all__ = [
     "declare_topology",
     "open_channel",
     "peek_dead_letters",
+    "purge_dead_letters",
     "redacted",
     "replay_dead_letters",
 ]

@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -75,7 +76,10 @@ class DeadLetterChannel:
 
     async def publish(self, body: bytes, *, route: str, headers: dict[str, Any]) -> None:
         properties = aiormq.spec.Basic.Properties(
-            content_type="application/json", delivery_mode=2, headers=headers
+            content_type="application/json",
+            delivery_mode=2,
+            headers=headers,
+            timestamp=datetime.now(UTC),  # when it was dead-lettered: purge --older-than
         )
         async with self._lock:
             channel = await self._open()

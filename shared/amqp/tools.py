@@ -4,7 +4,7 @@ dead-letter queue looked at and replayed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -119,7 +119,9 @@ class ExchangePublisher:
 
 
 def _letter(message: AbstractIncomingMessage) -> DeadLetter:
-    return dead_letter_from(message.body, message.routing_key or "", dict(message.headers))
+    return dead_letter_from(
+        message.body, message.routing_key or "", dict(message.headers), message.timestamp
+    )
 
 
 async def _dead_letter_queue(channel: AbstractChannel) -> tuple[AbstractQueue, int]:
@@ -175,10 +177,11 @@ async def replay_dead_letters(
     confirm_timeout: float,
     limit: int,
     dry_run: bool = False,
-) -> list[ReplayOutcome]:
+) -> tuple[int, list[ReplayOutcome]]:
     """Republish dead letters to ``bangui`` on their trusted routes (``shared.deadletters``),
     bare of headers, each acked only after its republish is confirmed; those that may not or
-    cannot go back stay in the queue, with the reason in their outcome.
+    cannot go back stay in the queue, with the reason in their outcome. Returns the number of
+    dead letters there were at the start, and the outcomes.
 
     At most the number of messages present at the start are taken, so a message that fails
     again and returns to the queue during the replay is not replayed twice.
@@ -234,8 +237,47 @@ async def replay_dead_letters(
             outcomes.append(ReplayOutcome(letter, True, f"replayed to {letter.replay_key}"))
         for message in kept:
             await message.nack(requeue=True)
-        return outcomes
+        return total, outcomes
     except (AMQPError, ChannelInvalidStateError) as exc:  # e.g. ACCESS_REFUSED: no read right
         raise BrokerError(f"cannot replay {topology.DEAD_LETTER_QUEUE}: {exc}") from None
+    finally:
+        await close_quietly(channel)  # anything still unacked goes back to the queue
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    total: int  # dead letters at the start
+    purged: int
+    examined: int
+
+
+async def purge_dead_letters(
+    connection: AbstractRobustConnection,
+    *,
+    select: Callable[[DeadLetter], bool],
+    limit: int,
+) -> PurgeReport:
+    """Remove the dead letters ``select`` picks (acked: gone), among at most ``limit`` of those
+    present at the start; the others are requeued in their places."""
+    channel = await connection.channel()
+    try:
+        queue, total = await _dead_letter_queue(channel)
+        kept: list[AbstractIncomingMessage] = []
+        purged = examined = 0
+        for _ in range(min(total, limit)):
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            examined += 1
+            if select(_letter(message)):
+                await message.ack()
+                purged += 1
+            else:
+                kept.append(message)
+        for message in kept:
+            await message.nack(requeue=True)
+        return PurgeReport(total, purged, examined)
+    except (AMQPError, ChannelInvalidStateError) as exc:  # e.g. ACCESS_REFUSED: no read right
+        raise BrokerError(f"cannot purge {topology.DEAD_LETTER_QUEUE}: {exc}") from None
     finally:
         await close_quietly(channel)  # anything still unacked goes back to the queue

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -226,8 +227,11 @@ async def test_cli_publish_then_stats_lookup(services: Services, tmp_path: Path)
     assert lines[3].split(maxsplit=1) == ["192.0.2.200", "not in geo_cache"]
 
 
-async def dead_letter_directly(url: str, body: dict[str, Any], original_key: str) -> None:
-    """What a service does when it rejects a message, done by hand with a VALID body."""
+async def dead_letter_directly(
+    url: str, body: dict[str, Any], original_key: str, *, at: datetime | None = None
+) -> None:
+    """What a service does when it rejects a message, done by hand with a VALID body (``at``:
+    when it was dead-lettered, the AMQP timestamp a service sets)."""
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel(publisher_confirms=True)
@@ -242,6 +246,7 @@ async def dead_letter_directly(url: str, body: dict[str, Any], original_key: str
                     topology.ROUTING_KEY_HEADER: original_key,
                 },
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                timestamp=at or datetime.now(UTC),
             ),
             routing_key="ip.seen",  # a service dead-letters under what its queue is for
         )
@@ -275,7 +280,7 @@ async def test_dead_letters_list_and_replay(services: Services) -> None:
 
     done = await asyncio.to_thread(services.cli, "dead-letters", "replay")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-1] == "replayed 2 of 2; 0 kept in the queue"
+    assert done.stdout.splitlines()[-1] == "replayed 2 of 2; 0 kept; 0 left in geo.dead_letter"
     rows = await rows_for(services, {"9.9.9.9"}, "the replayed dead letter's row")
     assert rows["9.9.9.9"][5] == "resolved"
     # The malformed one is rejected again and is back, alone, with its reason.
@@ -317,3 +322,60 @@ async def test_backup_during_a_stream_is_consistent(services: Services, tmp_path
     assert 0 < sizes[0] < len(ips)  # the first copy was taken mid-stream
     for copy in copies:
         assert all(final[ip] == values for ip, values in copy.items())
+
+
+async def test_dead_letters_purge_by_age_and_reason(services: Services) -> None:
+    url = services.amqp_url
+    await publish(url, "ip.seen", [{"ip": "nope"}, {"ips": ["8.8.8.8", "256.0.0.1"]}])
+    for n in range(5):  # handler failures, dead-lettered two days ago
+        await dead_letter_directly(
+            url, {"ip": f"9.9.9.{n}"}, "ip.seen", at=datetime.now(UTC) - timedelta(days=2)
+        )
+
+    async def seven() -> bool:
+        return await ready_count(url, "geo.dead_letter") == 7
+
+    await async_poll(seven, deadline_s=15, what="7 dead letters")
+
+    # A dry run with --limit 2 counts the queue, not the page.
+    done = await asyncio.to_thread(
+        services.cli, "dead-letters", "replay", "--dry-run", "--limit", "2"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].endswith("; 7 left in geo.dead_letter")
+
+    # Without --yes and without a terminal to ask on: refused, nothing removed.
+    done = await asyncio.to_thread(services.cli, "dead-letters", "purge", "--older-than", "1d")
+    assert done.returncode == 2
+    assert done.stderr == (
+        "bangui-geo: purge 5 of the 7 dead letters in geo.dead_letter (older than 1d)"
+        "? pass --yes to confirm (stdin is not a terminal); nothing was purged\n"
+    )
+    assert await ready_count(url, "geo.dead_letter") == 7
+
+    done = await asyncio.to_thread(
+        services.cli, "dead-letters", "purge", "--reason", "not an ipv4", "--yes"
+    )
+    assert (done.returncode, done.stdout) == (
+        0,
+        "purged 2 dead letters; 5 left in geo.dead_letter\n",
+    )
+    done = await asyncio.to_thread(
+        services.cli, "dead-letters", "purge", "--older-than", "3d", "--yes"
+    )
+    assert done.stdout == "purged 0 dead letters; 5 left in geo.dead_letter\n"
+    done = await asyncio.to_thread(
+        services.cli,
+        "dead-letters",
+        "purge",
+        "--older-than",
+        "1d",
+        "--reason",
+        "RuntimeError",
+        "-y",
+    )
+    assert done.stdout == "purged 5 dead letters; 0 left in geo.dead_letter\n"
+    assert await ready_count(url, "geo.dead_letter") == 0
+    done = await asyncio.to_thread(services.cli, "dead-letters", "purge", "--older-than", "x")
+    assert done.returncode == 2
+    assert "is not an age like 30m, 12h or 7d" in done.stderr

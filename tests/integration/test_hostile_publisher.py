@@ -147,7 +147,7 @@ async def test_cc_and_bcc_copies_are_dead_lettered_and_persistence_keeps_writing
         connection = await connect_once(admin, connect_timeout=5)
         try:
             total, letters = await peek_dead_letters(connection, limit=100)
-            outcomes = await replay_dead_letters(connection, confirm_timeout=5, limit=100)
+            _, outcomes = await replay_dead_letters(connection, confirm_timeout=5, limit=100)
         finally:
             await connection.close()
         assert total == 9
@@ -253,7 +253,7 @@ async def test_replay_trusts_the_brokers_record_not_forged_headers(
             None,
         )
         assert letter.reason == "dead-lettered by the broker: expired"
-        (outcome,) = await replay_dead_letters(connection, confirm_timeout=5, limit=10)
+        _, (outcome,) = await replay_dead_letters(connection, confirm_timeout=5, limit=10)
     finally:
         await connection.close()
     assert (outcome.replayed, outcome.note) == (True, "replayed to ip.seen")

@@ -22,6 +22,7 @@ import pytest
 from services.cli import main as cli
 from services.cli.database import Stats, age, render_stats
 from services.cli.deadletters import excerpt, render_letter
+from services.cli.durations import format_age, parse_age
 from services.cli.inputs import InputError, by_jail, from_fail2ban_log, from_lines
 from services.cli.progress import ProgressBar
 from services.cli.publish import PublishRequest, collect
@@ -613,3 +614,21 @@ def test_backup_refuses_to_overwrite_or_copy_onto_itself(
     missing = tmp_path / "none" / "copy.sqlite3"
     code, _, err = run_cli(capsys, "backup", "--db", str(db_path), str(missing))
     assert (code, err) == (2, f"bangui-geo: folder {missing.parent} does not exist\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds", "shown"),
+    [("45s", 45, "45s"), ("30m", 1800, "30m"), ("12h", 43200, "12h"), ("7d", 604800, "1w"),
+     ("2w", 1209600, "2w"), ("90m", 5400, "90m")],
+)  # fmt: skip
+def test_ages_parse_and_print_back(text: str, seconds: int, shown: str) -> None:
+    age = parse_age(text)
+    assert age is not None
+    assert age.total_seconds() == seconds
+    assert format_age(age) == shown
+    assert parse_age(format_age(age)) == age
+
+
+@pytest.mark.parametrize("text", ["", "7", "d", "1.5h", "-1d", "7 days", "1y"])
+def test_what_is_not_an_age(text: str) -> None:
+    assert parse_age(text) is None

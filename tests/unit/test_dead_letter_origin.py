@@ -3,9 +3,12 @@ x-death entry or our services' own headers count, never a header a publisher cou
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
-from shared.deadletters import dead_letter_from, dead_letter_headers
+from shared.deadletters import dead_letter_from, dead_letter_headers, matches
 
 FORGED = {
     "x-geo-original-routing-key": "geo.upsert",
@@ -100,3 +103,45 @@ def test_a_services_copy_drops_what_only_the_broker_or_we_may_write() -> None:
         "x-geo-original-queue": "geo.resolver.ip_seen",
         "x-geo-original-routing-key": "ip.seen",
     }
+
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+OURS = {
+    "x-geo-rejected-by": "resolver",
+    "x-geo-original-queue": "geo.resolver.ip_seen",
+    "x-geo-original-routing-key": "ip.seen",
+    "x-geo-reject-reason": "ips.3: Value error, not an IPv4 or IPv6 address: 'x'",
+}
+
+
+def test_a_dead_letters_age_comes_from_the_broker_or_the_service_only() -> None:
+    two_days = NOW - timedelta(days=2)
+    # A publisher's own timestamp property is not the broker's record of the death.
+    broker = dead_letter_from(
+        b"{}", "ip.seen", {"x-death": [{**death("geo.resolver.ip_seen"), "time": two_days}]}, NOW
+    )
+    assert broker.dead_at == two_days.replace(tzinfo=UTC)
+    service = dead_letter_from(b"{}", "ip.seen", OURS, two_days)
+    assert service.dead_at == two_days
+    naive = dead_letter_from(b"{}", "ip.seen", OURS, datetime(2026, 11, 29, 12, 0))
+    assert naive.dead_at == two_days  # AMQP timestamps carry no zone: UTC
+    assert dead_letter_from(b"{}", "ip.seen", OURS).dead_at is None
+
+
+def test_purge_selects_by_every_criterion_and_never_by_an_unknown_age() -> None:
+    old = dead_letter_from(b"{}", "ip.seen", OURS, NOW - timedelta(days=3))
+    new = dead_letter_from(b"{}", "ip.seen", OURS, NOW - timedelta(minutes=5))
+    ageless = dead_letter_from(b"{}", "ip.seen", OURS)
+    day = timedelta(days=1)
+    ipv4 = re.compile("not an ipv4", re.IGNORECASE)
+    locked = re.compile("locked", re.IGNORECASE)
+    assert [matches(x, now=NOW, older_than=day) for x in (old, new, ageless)] == [
+        True,
+        False,
+        False,
+    ]
+    assert matches(old, now=NOW, reason=ipv4)
+    assert not matches(old, now=NOW, reason=locked)
+    assert matches(old, now=NOW, older_than=day, reason=ipv4)
+    assert not matches(new, now=NOW, older_than=day, reason=ipv4)
+    assert matches(ageless, now=NOW)  # no criterion: everything
