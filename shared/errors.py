@@ -24,6 +24,20 @@ class StartupError(Exception):
     """The service cannot start for a reason the operator must fix; logged as one line."""
 
 
+class SettingRefused(StartupError):
+    """What a setting points at refused it at start (the broker refused the login or the vhost
+    of ``GEO_AMQP_URL``): final, as a bad value is. One line naming the variable, exit 2; the
+    message never holds a password."""
+
+    def __init__(self, variable: str, reason: str) -> None:
+        super().__init__(reason)
+        self.variable = variable
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.variable}: {self.reason}"
+
+
 class TopologyMismatch(StartupError):
     """A queue exists on the broker with other arguments than this version declares."""
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from shared.errors import ServiceFault, StartupError
+from shared.errors import ServiceFault, SettingRefused, StartupError
 from shared.logging import configure_logging
 from shared.settings import Settings, SettingsError, load_settings
 
@@ -64,6 +64,9 @@ async def run_service(service: str, settings: Settings, body: ServiceBody) -> in
                 await asyncio.gather(task, return_exceptions=True)
                 return 1
         task.result()
+    except SettingRefused as exc:  # as final as a bad value: the same line, the same code
+        print(f"{service}: invalid setting {exc}", file=sys.stderr)
+        return 2
     except StartupError as exc:  # the operator's to fix: one line, no traceback
         log.error("service_start_failed", reason=str(exc))
         return 1

@@ -32,6 +32,7 @@ from services.cli.table import thousands
 from shared.amqp import (
     BrokerConnection,
     BrokerError,
+    BrokerUnreachable,
     connect_once,
     peek_dead_letters,
     purge_dead_letters,
@@ -285,8 +286,8 @@ def _settings(*, amqp_url: str | None, db: Path | None) -> Settings:
 async def _dead_letters(args: argparse.Namespace, settings: Settings) -> None:
     try:
         connection = await connect_once(settings.amqp_url, connect_timeout=CONNECT_TIMEOUT)
-    except BrokerError as exc:
-        raise CliError(str(exc)) from None
+    except BrokerUnreachable as exc:  # a refused login is a bad setting: exit 2
+        raise CliError(str(exc), EXIT_USAGE if exc.refused else EXIT_FAILED) from None
     try:
         if args.dead_command == "list":
             total, letters = await peek_dead_letters(connection, limit=args.limit)

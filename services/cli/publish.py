@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from services.cli.errors import EXIT_USAGE, CliError
+from services.cli.errors import EXIT_FAILED, EXIT_USAGE, CliError
 from services.cli.inputs import (
     InputError,
     SeenIp,
@@ -106,8 +106,9 @@ async def publish(
                 for chunk in _chunks(ips, IPS_PER_CALL):
                     await geo.publish_seen(chunk, jail=jail, source=request.source)
                     progress.advance(len(chunk))
-    except BrokerUnreachable as exc:
-        raise CliError(f"{exc}; nothing was published") from None
+    except BrokerUnreachable as exc:  # a refused login is a bad setting: exit 2
+        code = EXIT_USAGE if exc.refused else EXIT_FAILED
+        raise CliError(f"{exc}; nothing was published", code) from None
     except PublishFailed as exc:
         progress.finish()
         raise CliError(f"{exc}; {progress.done:,} of {total:,} IPs were confirmed") from None

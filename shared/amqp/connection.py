@@ -8,7 +8,7 @@ import os
 import socket
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 import structlog
@@ -24,10 +24,10 @@ from aio_pika.exceptions import (
     AMQPError,
     ProbableAuthenticationError,
 )
-from aiormq.exceptions import ChannelPreconditionFailed
+from aiormq.exceptions import ChannelPreconditionFailed, InvalidFrameError
 
 from shared import topology
-from shared.errors import TopologyMismatch
+from shared.errors import SettingRefused, TopologyMismatch
 from shared.settings import split_amqp_urls
 
 log = structlog.get_logger("shared.amqp")
@@ -51,13 +51,19 @@ async def connect(
     delay = 0.2
     for attempt in range(1, attempts + 1):
         errors: list[str] = []
+        refusals: list[str] = []
         for index, candidate in enumerate(urls):
             try:
                 connection = await aio_pika.connect_robust(
                     candidate, timeout=10, client_properties=properties
                 )
+            except (ProbableAuthenticationError, InvalidFrameError) as exc:
+                # A wrong password or vhost does not pass with time: say so now, not after
+                # thirty attempts. (Once running, the robust connection retries anything.)
+                refusals.append(f"{_refused(exc, candidate)} at {_endpoint(candidate)}")
+                continue
             except (TimeoutError, AMQPConnectionError, OSError) as exc:
-                if attempt == attempts and index == len(urls) - 1:
+                if attempt == attempts and index == len(urls) - 1 and not refusals:
                     raise
                 error = str(exc) or repr(exc)
                 errors.append(error if len(urls) == 1 else f"{_endpoint(candidate)}: {error}")
@@ -68,6 +74,8 @@ async def connect(
                 connection.close_callbacks.add(_Failover(urls, index))
             log.info("amqp_connected", attempt=attempt, broker=_endpoint(candidate))
             return connection
+        if refusals:
+            raise SettingRefused("GEO_AMQP_URL", "; ".join(refusals))
         log.warning(
             "amqp_connect_failed", attempt=attempt, retry_in_s=delay, error="; ".join(errors)
         )
@@ -184,7 +192,13 @@ class BrokerError(Exception):
 
 
 class BrokerUnreachable(BrokerError):
-    """One connection attempt failed; the message names the broker (password hidden) and why."""
+    """One connection attempt failed; the message names the broker (password hidden) and why.
+    ``refused``: the broker answered and refused the login or the vhost, a bad setting rather
+    than an outage."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class PublishFailed(BrokerError):
@@ -200,6 +214,14 @@ def redacted(url: str) -> str:
     if parts.port is not None:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _refused(exc: BaseException, url: str) -> str:
+    if isinstance(exc, ProbableAuthenticationError):
+        user = unquote(urlsplit(url).username or "guest")
+        return f"the broker refused the login of user {user!r} (wrong user or password)"
+    vhost = unquote(urlsplit(url).path[1:]) or "/"
+    return f"the broker refused vhost {vhost!r} (it does not exist, or the user may not use it)"
 
 
 def _why(exc: BaseException, timeout: float) -> str:
@@ -222,14 +244,16 @@ async def connect_once(url: str, *, connect_timeout: float) -> AbstractRobustCon
     """
     urls = split_amqp_urls(url)
     reasons: list[str] = []
+    refused = 0
     for index, candidate in enumerate(urls):
         try:
             connection = await aio_pika.connect_robust(candidate, timeout=connect_timeout)
         except (TimeoutError, AMQPError, OSError) as exc:
             why = _why(exc, connect_timeout)
+            refused += isinstance(exc, ProbableAuthenticationError | InvalidFrameError)
             reasons.append(f"cannot connect to the broker at {redacted(candidate)}: {why}")
             continue
         if len(urls) > 1:
             connection.close_callbacks.add(_Failover(urls, index))
         return connection
-    raise BrokerUnreachable("; ".join(reasons))
+    raise BrokerUnreachable("; ".join(reasons), refused=refused == len(urls))
