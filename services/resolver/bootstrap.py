@@ -34,6 +34,7 @@ from shared.amqp import Amqp
 from shared.messages import FlushDirty, IpSeen, RetryUnresolved
 from shared.metrics import MetricsRegistry, serve_metrics
 from shared.ports import Acker, Publisher
+from shared.salvage import salvage_ip_seen
 from shared.settings import Settings
 
 # With no geo.flush for this many flush intervals, the resolver flushes by itself.
@@ -122,6 +123,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 IpSeen,
                 prefetch=settings.prefetch,
                 deferred_handler=partial(on_ip_seen, deps=deps),
+                salvage=salvage_ip_seen,  # one typo in a bulk import loses no other address
             )
             await amqp.consume(
                 topology.RESOLVER_RETRY,

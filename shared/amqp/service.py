@@ -46,6 +46,7 @@ from shared.decode import decode
 from shared.errors import Rejected, ServiceFault, TopologyLost, Transient
 from shared.metrics import ConsumerHealth, Health, MetricsRegistry, health_of
 from shared.ports import Ticket
+from shared.salvage import Salvage
 from shared.settings import Settings, split_amqp_urls
 
 M = TypeVar("M", bound=BaseModel)
@@ -178,10 +179,18 @@ class AmqpPublisher:
             raise Transient(f"publish to {routing_key} not confirmed: {exc!r}") from exc
 
     async def dead_letter(
-        self, message: AbstractIncomingMessage, *, route: str, reason: str, service: str, queue: str
+        self,
+        message: AbstractIncomingMessage,
+        *,
+        route: str,
+        reason: str,
+        service: str,
+        queue: str,
+        body: bytes | None = None,
     ) -> None:
-        """Publish a copy of ``message`` to ``bangui.dlx`` under ``route``, what ``queue`` is
-        for (never the delivery's routing key, which a CC/BCC header may have carried there)."""
+        """Publish a copy of ``message`` (or ``body``, the part of it that was rejected) to
+        ``bangui.dlx`` under ``route``, what ``queue`` is for (never the delivery's routing key,
+        which a CC/BCC header may have carried there)."""
         headers = dead_letter_headers(
             message.headers,
             reason=reason,
@@ -189,7 +198,8 @@ class AmqpPublisher:
             queue=queue,
             delivered_as=message.routing_key or "",
         )
-        await self._dead_letters.publish(message.body, route=route, headers=headers)
+        copy = message.body if body is None else body
+        await self._dead_letters.publish(copy, route=route, headers=headers)
 
     async def close(self) -> None:
         await self._dead_letters.close()
@@ -205,6 +215,7 @@ class AmqpTicket:
 
 Handler = Callable[[M], Awaitable[None]]
 DeferredHandler = Callable[[M, AmqpTicket], Awaitable[None]]
+Salvager = Callable[[bytes], Salvage | None]
 
 
 @dataclass
@@ -220,7 +231,9 @@ class Consumer(Generic[M]):
     max_bytes: int
     routing_keys: frozenset[str]  # exact binding keys: anything else arrived by CC/BCC or by name
     route: str  # what the queue is for: its dead letters' routing key on bangui.dlx
+    salvage: Salvager | None = None  # keeps the valid part of a message that is partly bad
     consumed: int = 0
+    partly_dead_lettered: int = 0
     dead_lettered: int = 0
     dead_letter_failures: int = 0
     requeued: int = 0
@@ -293,7 +306,7 @@ class Consumer(Generic[M]):
                 raise Rejected(
                     f"routing key {message.routing_key!r} is not bound to {self.queue.name}"
                 )
-            model = decode(self.model, message.body, self.max_bytes)
+            model = await self._decode(message)
             if self.deferred_handler is not None:
                 await self.deferred_handler(model, AmqpTicket(message, self))
                 return  # the handler settles the ticket later
@@ -319,6 +332,38 @@ class Consumer(Generic[M]):
                 await self._settle(message, requeue=True)
         else:
             await self._settle(message)
+
+    async def _decode(self, message: AbstractIncomingMessage) -> M:
+        """The model of the message; for a partly bad one that ``salvage`` can split, the
+        valid part, once the invalid part is dead-lettered (if that publish fails, the whole
+        message is rejected instead, as without salvage)."""
+        try:
+            return decode(self.model, message.body, self.max_bytes)
+        except Rejected:
+            part = None if self.salvage is None else self.salvage(message.body)
+            if part is None or not isinstance(part.kept, self.model):
+                raise
+            try:
+                await self.publisher.dead_letter(
+                    message,
+                    route=self.route,
+                    reason=part.reason,
+                    service=self.service,
+                    queue=self.queue.name,
+                    body=part.rejected_body,
+                )
+            except Exception as exc:
+                log.warning("message_part_dead_letter_failed", error=repr(exc))
+                raise Rejected(part.reason) from None
+            self.partly_dead_lettered += 1
+            log.warning(
+                "message_partly_dead_lettered",
+                queue=self.queue.name,
+                invalid=part.invalid,
+                kept=len(part.kept.addresses),
+                reason=part.reason,
+            )
+            return part.kept
 
     async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Dead-letter a copy, then ack; if the copy cannot be published, reject without
@@ -452,8 +497,11 @@ class Amqp:
         prefetch: int,
         handler: Handler[M] | None = None,
         deferred_handler: DeferredHandler[M] | None = None,
+        salvage: Salvager | None = None,
     ) -> Consumer[M]:
-        """Start consuming ``spec`` on a channel of its own (so acks and prefetch are per queue)."""
+        """Start consuming ``spec`` on a channel of its own (so acks and prefetch are per queue).
+        ``salvage`` splits a rejected body into a valid part to handle and a part to
+        dead-letter (``shared.salvage``)."""
         bindings = own_bindings(spec.name, spec.routing_keys)
         await self.keeper.ensure_bindings(bindings)  # restored at once if one was deleted
         self.keeper.own.extend(bindings)
@@ -461,7 +509,7 @@ class Amqp:
         self._channels.append(channel)
         queue = await channel.get_queue(spec.name, ensure=True)
         return await self._start(
-            queue, spec.routing_keys, spec.route, model, handler, deferred_handler
+            queue, spec.routing_keys, spec.route, model, handler, deferred_handler, salvage
         )
 
     async def consume_private(
@@ -492,6 +540,7 @@ class Amqp:
         model: type[M],
         handler: Handler[M] | None,
         deferred_handler: DeferredHandler[M] | None,
+        salvage: Salvager | None = None,
     ) -> Consumer[M]:
         consumer = Consumer(
             self.service,
@@ -503,6 +552,7 @@ class Amqp:
             self.max_bytes,
             frozenset(routing_keys),
             route,
+            salvage,
         )
         await consumer.start()
         self.consumers.append(consumer)
@@ -530,6 +580,12 @@ class Amqp:
                 "counter",
                 "Dead letters that could not be published (rejected to the broker instead).",
                 "dead_letter_failures",
+            ),
+            (
+                "geo_messages_partly_dead_lettered_total",
+                "counter",
+                "Handled for their valid part; the invalid part sent to geo.dead_letter.",
+                "partly_dead_lettered",
             ),
             ("geo_messages_requeued_total", "counter", "Requeued after a failure.", "requeued"),
             ("geo_deliveries_unacked", "gauge", "Received, not yet settled.", "unsettled"),

@@ -3,6 +3,7 @@ geo.dead_letter with its reason, nothing crashes, and the messages around them s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,47 @@ async def test_every_kind_of_hostile_message_is_dead_lettered(
         )
         assert set(read_rows(db_path)) == {"8.8.8.8", "1.1.1.1", "9.9.9.9", "2001:4860:4860::8888"}
         assert all(p.running for p in processes.values()), "every service still runs"
+    finally:
+        codes = {name: p.stop() for name, p in processes.items()}
+    assert codes == {"persistence": 0, "resolver": 0, "timer": 0}
+
+
+async def test_one_typo_in_a_bulk_message_loses_no_other_address(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    db_path = tmp_path / "geo.sqlite3"
+    processes = {
+        name: ServiceProcess(name, service_env(amqp_url, db_path), tmp_path / f"{name}.log").start()
+        for name in ("persistence", "resolver", "timer")
+    }
+    try:
+        await wait_for_topology(amqp_url)
+        ips = [f"203.0.{i // 250}.{i % 250 + 1}" for i in range(1000)]
+        good = {ip for i, ip in enumerate(ips) if i not in (10, 600)}
+        ips[10], ips[600] = "203.0.0.256", "2001:db8::g"
+        await publish(amqp_url, "ip.seen", [{"ips": ips, "source": "import"}])
+
+        await async_poll(
+            lambda: good <= set(read_rows(db_path)), deadline_s=30, what="the 998 valid addresses"
+        )
+        letters: list[tuple[bytes, dict[str, object]]] = []
+
+        async def dead_lettered() -> bool:
+            got = await drain_queue(amqp_url, "geo.dead_letter")
+            letters.extend((m.body, dict(m.headers or {})) for m in got)
+            return bool(letters)
+
+        await async_poll(dead_lettered, deadline_s=15, what="the invalid part dead-lettered")
+        ((body, headers),) = letters
+        assert json.loads(body) == {
+            "source": "import",
+            "ips": ["203.0.0.256", "2001:db8::g"],
+            "original_indexes": [10, 600],
+        }
+        reason = str(headers["x-geo-reject-reason"])
+        assert reason.startswith("2 of 1000 addresses invalid, the other 998 kept: ips.10: ")
+        assert "ips.600: " in reason
+        assert set(read_rows(db_path)) == good
     finally:
         codes = {name: p.stop() for name, p in processes.items()}
     assert codes == {"persistence": 0, "resolver": 0, "timer": 0}
