@@ -95,7 +95,10 @@ async def on_geo_upsert_batch(cmd: GeoUpsertBatch, deps: PersistenceDeps) -> Non
 
 
 async def on_re_resolve(cmd: ReResolveStale, deps: PersistenceDeps) -> None:
-    stored = await deps.repository.unresolved_ips()
+    try:
+        stored = await deps.repository.unresolved_ips()
+    except DatabaseReplaced as exc:
+        raise Transient(str(exc)) from exc
     ips = _retryable(stored)
     batches = [
         RetryUnresolved(tick_id=cmd.tick_id, ips=ips[i : i + MAX_IPS_PER_MESSAGE])

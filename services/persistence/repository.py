@@ -52,6 +52,7 @@ WAL_AUTOCHECKPOINT_PAGES = 16_384
 # After a checkpoint resets the WAL, SQLite truncates the file to this size; the checkpointer
 # truncates it to zero once nothing reads it, so a long reader's WAL does not stay on disk.
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+CHECKPOINT_BYTES = WAL_AUTOCHECKPOINT_PAGES * 4096  # SQLite's default page size
 CHECKPOINT_INTERVAL_S = 1.0
 TRUNCATE_ATTEMPTS = 5
 TRUNCATE_RETRY_S = 0.01
@@ -204,11 +205,6 @@ class SqliteGeoRepository:
             raise
         return repository
 
-    @property
-    def healthy(self) -> bool:
-        """False while the path could not be reopened after its file was replaced."""
-        return not self._closed_for_reopen
-
     async def upsert_many(self, rows: Sequence[GeoRow]) -> int:
         """Apply ``rows`` in one transaction with one commit; returns rows inserted or changed.
 
@@ -283,17 +279,25 @@ class SqliteGeoRepository:
                 remove_stale_journal(self._path, self._opened)
             try:
                 connection = await connect(self._path)
-            except (sqlite3.Error, OSError) as exc:
-                self._log.error(
-                    "geo_database_reopen_failed", db_path=str(self._path), error=repr(exc)
+            except (sqlite3.Error, OSError) as exc:  # e.g. the folder went read-only
+                raise self._reopen_failed(exc) from exc
+            opened = identify(self._path)
+            try:
+                self._checkpointer = await WalCheckpointer.start(
+                    self._path, lambda: self.commits, self._checkpoint_interval
                 )
-                raise DatabaseReplaced(f"cannot reopen {self._path}: {exc}") from exc
-            self._db = connection
-            self._opened = identify(self._path)
+            except (sqlite3.Error, OSError) as exc:
+                await connection.close()
+                raise self._reopen_failed(exc) from exc
+            self._db, self._opened = connection, opened
             self._closed_for_reopen = False
             self.reopens += 1
-            await self._start_checkpointer()
             self._log.warning("geo_database_reopened", db_path=str(self._path))
+
+    def _reopen_failed(self, exc: Exception) -> DatabaseReplaced:
+        """Logged at error; batches are requeued (after a back-off) and retry the reopen."""
+        self._log.error("geo_database_reopen_failed", db_path=str(self._path), error=repr(exc))
+        return DatabaseReplaced(f"cannot reopen {self._path}: {exc}")
 
     async def unresolved_ips(self) -> list[str]:
         if self._closed_for_reopen or changed_files(self._opened, identify(self._path)):
@@ -321,7 +325,7 @@ class WalCheckpointer:
     """Checkpoints the WAL from its own connection, so that no commit of the writer (whose
     auto-checkpoint is off) ever carries one, and shrinks the file once no reader holds it.
 
-    Every ``interval`` seconds, when the WAL file holds ``WAL_AUTOCHECKPOINT_PAGES`` or more, or
+    Every ``interval`` seconds, when the WAL file holds ``CHECKPOINT_BYTES`` or more, or
     when no commit came since the last look: a PASSIVE checkpoint (copies what it can, blocks
     nobody), then, if that copied everything, a TRUNCATE with no busy wait, which empties the
     file unless a reader still uses it or the writer is mid-commit (then: the next round).
@@ -375,7 +379,7 @@ class WalCheckpointer:
             return
         commits = self._commits()
         idle, self._seen_commits = commits == self._seen_commits, commits
-        if size == 0 or not (idle or size >= WAL_AUTOCHECKPOINT_PAGES * 4096):
+        if size == 0 or not (idle or size >= CHECKPOINT_BYTES):
             return
         _, log_frames, copied = await self._checkpoint("PASSIVE")
         self.checkpoints += 1

@@ -351,3 +351,19 @@ async def test_the_wal_shrinks_once_a_long_reader_closes(
         await asyncio.sleep(0.1)
     assert wal_bytes(db_path) == 0, f"WAL still {wal_bytes(db_path)} bytes (was {pinned})"
     assert len(stored(db_path)) == 40_001
+
+
+async def test_a_replacement_that_is_not_a_database_is_retried_until_fixed(
+    repository: SqliteGeoRepository, db_path: Path, tmp_path: Path
+) -> None:
+    await repository.upsert_many([row("8.8.8.8")])
+    junk = tmp_path / "junk"
+    await asyncio.to_thread(junk.write_bytes, b"not a database, " * 512)
+    junk.replace(db_path)
+    for _ in range(2):  # each redelivery tries again, and is requeued again
+        with pytest.raises(DatabaseReplaced):
+            await repository.upsert_many([row("9.9.9.9")])
+    await asyncio.to_thread(db_path.unlink)
+    await repository.upsert_many([row("9.9.9.9")])
+    assert set(stored(db_path)) == {"9.9.9.9"}
+    assert repository.reopens == 1
