@@ -9,12 +9,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import pycountry
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
 from shared.messages import (
+    COUNTRY_CODES,
     MESSAGE_MODELS,
     GeoRow,
     GeoUpsertBatch,
@@ -285,3 +287,7 @@ def test_clean_text_makes_a_provider_name_storable() -> None:
         clean_asn("AS\u0661\u0662\u0663") is None
     )  # Unicode digits: str.isdigit says yes, the row says no
     assert clean_asn("AS" + "9" * 11) is None
+
+
+def test_the_country_codes_are_pycountrys_and_the_rir_ones() -> None:
+    assert {c.alpha_2 for c in pycountry.countries} | {"EU", "AP", "XK"} == COUNTRY_CODES
