@@ -39,7 +39,10 @@ def normalize_ip(value: str) -> str:
 
 def is_routable(ip: str) -> bool:
     """Whether a provider can say anything about ``ip``: Python's ``is_global``, minus multicast
-    (which ``is_global`` counts as global but no geolocation source covers)."""
+    (which ``is_global`` counts as global but no geolocation source covers), and for IPv6 only
+    the global unicast space 2000::/3, the only one IANA allocates: the rest is reserved, among
+    it the deprecated IPv4-compatible ``::a.b.c.d`` that ``is_global`` calls global, which no
+    provider answers, so it would be retried forever."""
     if _V4_NOT_ROUTABLE is not None and ":" not in ip:
         try:
             number = int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big")
@@ -54,6 +57,8 @@ def is_routable(ip: str) -> bool:
 
 def _slow_is_routable(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.packed[0] & 0xE0 != 0x20:
+        return False  # outside 2000::/3
     return address.is_global and not address.is_multicast
 
 

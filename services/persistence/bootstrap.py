@@ -31,6 +31,11 @@ def persistence_metrics(
     registry.counter("geo_rows_upserted_total", "Rows written to geo_cache.", lambda: state.rows)
     registry.counter("geo_sqlite_commits_total", "SQLite commits.", lambda: repository.commits)
     registry.counter(
+        "geo_sqlite_reopens_total",
+        "Times the database file was found deleted or replaced and reopened.",
+        lambda: repository.reopens,
+    )
+    registry.counter(
         "geo_retries_requested_total",
         "IPs sent to the resolver by re-resolve.",
         lambda: state.retries_requested,
@@ -72,5 +77,6 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 batches=deps.state.batches,
                 rows=deps.state.rows,
                 commits=repository.commits,
+                reopens=repository.reopens,
                 retries_requested=deps.state.retries_requested,
             )

@@ -1,22 +1,33 @@
 """Persistence handlers: apply upsert batches, and answer re-resolve with retries for the resolver.
 
 The AMQP layer acks a ``geo.upsert`` delivery only after ``on_geo_upsert_batch`` returns, that is
-after the commit; a locked or full database raises ``Transient`` so the batch is requeued.
+after the commit; a locked or full database, or a database file deleted or replaced under us,
+raises ``Transient`` so the batch is requeued. Rows dated in the future are refused here, not in
+the model, because the check needs the clock.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import structlog
 
-from services.persistence.repository import GeoRepository, is_transient
+from services.persistence.repository import DatabaseReplaced, GeoRepository, is_transient
 from shared import topology
-from shared.errors import Transient
+from shared.errors import Rejected, Transient
 from shared.ipnorm import is_routable, normalize_ip
-from shared.messages import MAX_IPS_PER_MESSAGE, GeoUpsertBatch, ReResolveStale, RetryUnresolved
+from shared.messages import (
+    MAX_IPS_PER_MESSAGE,
+    GeoRow,
+    GeoUpsertBatch,
+    ReResolveStale,
+    RetryUnresolved,
+    iso_utc_from_epoch,
+)
 from shared.ports import Publisher
 
 
@@ -35,12 +46,39 @@ class PersistenceDeps:
     log: structlog.typing.FilteringBoundLogger = field(
         default_factory=lambda: structlog.get_logger("persistence")
     )
+    clock: Callable[[], float] = time.time
+
+
+# How far a row's cached_at may be ahead of persistence's clock: the resolver's clock may run a
+# little fast, but a row dated later than that would win every later upsert (newer answers win).
+MAX_CLOCK_SKEW_S = 300.0
+_CACHED_AT = itemgetter(2)
+
+
+def future_rows(rows: Sequence[GeoRow], now: float) -> list[int]:
+    """Indexes of rows whose ``cached_at`` is more than the allowed skew after ``now``.
+
+    ``cached_at`` has a fixed width, so text order is time order: one ``max`` in C per batch.
+    """
+    limit = iso_utc_from_epoch(now + MAX_CLOCK_SKEW_S)
+    if max(map(_CACHED_AT, rows)) <= limit:
+        return []
+    return [i for i, row in enumerate(rows) if row.cached_at > limit]
 
 
 async def on_geo_upsert_batch(cmd: GeoUpsertBatch, deps: PersistenceDeps) -> None:
     started = time.perf_counter()
+    ahead = future_rows(cmd.rows, deps.clock())
+    if ahead:
+        first = cmd.rows[ahead[0]].cached_at
+        raise Rejected(
+            f"rows.{ahead[0]}: cached_at {first} is more than {MAX_CLOCK_SKEW_S:.0f} s ahead of "
+            f"persistence's clock ({len(ahead)} such rows; nothing written)"
+        )
     try:
         changed = await deps.repository.upsert_many(cmd.rows)
+    except DatabaseReplaced as exc:
+        raise Transient(str(exc)) from exc
     except sqlite3.Error as exc:
         if is_transient(exc):
             raise Transient(f"geo_cache write failed: {exc}") from exc
@@ -57,7 +95,10 @@ async def on_geo_upsert_batch(cmd: GeoUpsertBatch, deps: PersistenceDeps) -> Non
 
 
 async def on_re_resolve(cmd: ReResolveStale, deps: PersistenceDeps) -> None:
-    stored = await deps.repository.unresolved_ips()
+    try:
+        stored = await deps.repository.unresolved_ips()
+    except DatabaseReplaced as exc:
+        raise Transient(str(exc)) from exc
     ips = _retryable(stored)
     batches = [
         RetryUnresolved(tick_id=cmd.tick_id, ips=ips[i : i + MAX_IPS_PER_MESSAGE])

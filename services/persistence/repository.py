@@ -1,18 +1,23 @@
 """``geo_cache`` in SQLite through aiosqlite: schema, idempotent batched upserts, unresolved rows.
 
 The persistence service is the table's single writer. WAL mode lets the BanGUI dashboard read
-while we write. A batch (up to 1000 rows) is one multi-row ``INSERT .. ON CONFLICT`` statement
-in autocommit mode, so statement, transaction and commit are one: one hop to aiosqlite's thread,
-and SQLite runs the whole batch and its commit without taking the GIL back for each row, which
-lets the event loop decode the next message meanwhile (``executemany`` hands the GIL back and
-forth once per row). Bound parameters only.
+while we write; the WAL is checkpointed by a background task on a second connection, never inside
+a commit, and a file deleted or replaced under us is noticed before a batch is acked.
+
+A batch (up to 1000 rows) is one multi-row ``INSERT .. ON CONFLICT`` statement in autocommit mode,
+so statement, transaction and commit are one: one hop to aiosqlite's thread, and SQLite runs the
+whole batch and its commit without taking the GIL back for each row, which lets the event loop
+decode the next message meanwhile (``executemany`` hands the GIL back and forth once per row).
+Bound parameters only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from functools import lru_cache
 from itertools import chain
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosqlite
+import structlog
 
 from shared.messages import GeoRow, Resolution
 
@@ -39,7 +45,17 @@ CREATE TABLE IF NOT EXISTS geo_cache (
     provider     TEXT
 )
 """
+# The WAL is checkpointed once it holds ~64 MiB (16,384 pages of 4 KiB) instead of SQLite's
+# ~4 MiB: with one fsync'd commit per 1000 rows, the default checkpoints cost a third of
+# persistence's time (bench/). The checkpoint runs on WalCheckpointer's connection, not in a commit.
 WAL_AUTOCHECKPOINT_PAGES = 16_384
+# After a checkpoint resets the WAL, SQLite truncates the file to this size; the checkpointer
+# truncates it to zero once nothing reads it, so a long reader's WAL does not stay on disk.
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+CHECKPOINT_BYTES = WAL_AUTOCHECKPOINT_PAGES * 4096  # SQLite's default page size
+CHECKPOINT_INTERVAL_S = 1.0
+TRUNCATE_ATTEMPTS = 5
+TRUNCATE_RETRY_S = 0.01
 # Page cache of 64 MiB instead of 2 MiB: the primary-key index of a few hundred thousand IPs
 # stays in memory, so an upsert does not re-read index pages (bench/: 4.1 -> 3.0 us per row).
 CACHE_KIB = 65_536
@@ -100,83 +116,322 @@ class GeoRepository(Protocol):
     async def unresolved_ips(self) -> list[str]: ...
 
 
+class DatabaseReplaced(Exception):
+    """The file at the configured path (or its -wal/-shm) is not the one this repository had
+    open: what was just written went to a file nobody will read. The repository has reopened the
+    path (or will on the next call); the batch must be requeued, not acked."""
+
+
+FileId = tuple[int, int] | None  # (st_dev, st_ino), None when the file does not exist
+
+
+def file_id(path: Path) -> FileId:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def database_files(path: Path) -> tuple[Path, Path, Path]:
+    """The database file and the two files WAL mode keeps beside it."""
+    return path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
+def identify(path: Path) -> tuple[FileId, ...]:
+    return tuple(file_id(p) for p in database_files(path))
+
+
+def changed_files(opened: tuple[FileId, ...], now: tuple[FileId, ...]) -> list[str]:
+    """Which of db/-wal/-shm differ from what was open (a file absent at open is not tracked)."""
+    names = ("db", "wal", "shm")
+    return [name for name, was, is_ in zip(names, opened, now, strict=True) if was and was != is_]
+
+
+def remove_stale_journal(path: Path, opened: tuple[FileId, ...]) -> None:
+    """After closing a database that is no longer the file at ``path``: delete the -wal/-shm we
+    had open if they are still there. SQLite leaves them when the database file was replaced, and
+    a new file beside an old WAL would take that WAL's pages as its own (corrupting it)."""
+    if file_id(path) == opened[0]:
+        return  # the same database file: its WAL is SQLite's business (a reader may use it)
+    for journal, was in zip(database_files(path)[1:], opened[1:], strict=True):
+        if was is not None and file_id(journal) == was:
+            with contextlib.suppress(FileNotFoundError):
+                journal.unlink()
+
+
 class SqliteGeoRepository:
-    def __init__(self, connection: aiosqlite.Connection, rows_per_statement: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        connection: aiosqlite.Connection,
+        rows_per_statement: int,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL_S,
+    ) -> None:
+        self._path = path
         self._db = connection
+        self._opened = identify(path)
         self._rows_per_statement = rows_per_statement
+        self._checkpoint_interval = checkpoint_interval
         # Held while a batch too big for one statement runs as BEGIN .. COMMIT over several
         # hops, so that no single-statement batch lands inside that transaction.
         self._transaction = asyncio.Lock()
+        self._reopen_lock = asyncio.Lock()
+        self._closed_for_reopen = False  # the old file is closed and the path not yet reopened
+        self._checkpointer: WalCheckpointer | None = None
         self.commits = 0
+        self.reopens = 0
+        self._log = structlog.get_logger("persistence")
 
     @classmethod
     async def open(
-        cls, path: Path, *, rows_per_statement: int | None = None
+        cls,
+        path: Path,
+        *,
+        rows_per_statement: int | None = None,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL_S,
     ) -> SqliteGeoRepository:
-        """Open (creating or migrating) ``geo_cache``; ``rows_per_statement`` defaults to what
-        this SQLite's variable limit allows (4,095 rows with the usual 32,766)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit: each upsert is a single statement, hence its own transaction. A prepared
-        # 1000-row upsert holds ~0.7 MiB and every flush ends with a batch of another size, so
-        # the statement cache is kept small (sqlite3's default of 128 grew RSS by ~95 MiB).
-        connection = await aiosqlite.connect(
-            path, isolation_level=None, cached_statements=STATEMENT_CACHE
-        )
+        """Open (creating or migrating) ``geo_cache`` and start its WAL checkpointer;
+        ``rows_per_statement`` defaults to what this SQLite's variable limit allows (4,095 rows
+        with the usual 32,766)."""
+        connection = await connect(path)
+        if rows_per_statement is None:
+            rows_per_statement = max_rows_per_statement()
+        repository = cls(path, connection, rows_per_statement, checkpoint_interval)
         try:
-            await connection.execute("PRAGMA journal_mode=WAL")
-            await connection.execute("PRAGMA synchronous=FULL")
-            await connection.execute("PRAGMA busy_timeout=5000")
-            # Checkpoint the WAL every ~64 MiB instead of ~4 MiB: with one fsync'd commit per
-            # 1000 rows, the default checkpoints cost a third of persistence's time (bench/).
-            await connection.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
-            await connection.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-            await ensure_schema(connection)
+            await repository._start_checkpointer()
         except BaseException:
             await connection.close()
             raise
-        if rows_per_statement is None:
-            rows_per_statement = max_rows_per_statement()
-        return cls(connection, rows_per_statement)
+        return repository
 
     async def upsert_many(self, rows: Sequence[GeoRow]) -> int:
-        """Apply ``rows`` in one transaction with one commit; returns rows inserted or changed."""
+        """Apply ``rows`` in one transaction with one commit; returns rows inserted or changed.
+
+        Raises ``DatabaseReplaced`` when the commit may have gone to a file no longer at the path.
+        """
         if not rows:
             return 0
-        if len(rows) <= self._rows_per_statement:
-            if self._transaction.locked():
-                async with self._transaction:
-                    changed = await self._statement(rows)
+        if self._closed_for_reopen:
+            await self._reopen("retry")
+        db = self._db
+        try:
+            if len(rows) <= self._rows_per_statement:
+                if self._transaction.locked():
+                    async with self._transaction:
+                        changed = await self._statement(db, rows)
+                else:
+                    changed = await self._statement(db, rows)
             else:
-                changed = await self._statement(rows)
-        else:
-            async with self._transaction:
-                changed = await self._statements(rows)
+                async with self._transaction:
+                    changed = await self._statements(db, rows)
+        except Exception as exc:
+            if self._db is not db:  # reopened meanwhile: the old connection was closed under us
+                raise DatabaseReplaced(f"{self._path} was reopened during the write") from exc
+            raise
         self.commits += 1
+        await self._verify(db)
         return changed
 
-    async def _statement(self, rows: Sequence[GeoRow]) -> int:
-        cursor = await self._db.execute(upsert_sql(len(rows)), list(chain.from_iterable(rows)))
+    async def _statement(self, db: aiosqlite.Connection, rows: Sequence[GeoRow]) -> int:
+        cursor = await db.execute(upsert_sql(len(rows)), list(chain.from_iterable(rows)))
         return cursor.rowcount
 
-    async def _statements(self, rows: Sequence[GeoRow]) -> int:
+    async def _statements(self, db: aiosqlite.Connection, rows: Sequence[GeoRow]) -> int:
         """More rows than one statement may bind: BEGIN, a statement per slice, COMMIT."""
         step, changed = self._rows_per_statement, 0
         try:  # BEGIN inside: cancelled while waiting for the write lock, it still runs later
-            await self._db.execute("BEGIN IMMEDIATE")
+            await db.execute("BEGIN IMMEDIATE")
             for i in range(0, len(rows), step):
-                changed += await self._statement(rows[i : i + step])
-            await self._db.execute("COMMIT")
+                changed += await self._statement(db, rows[i : i + step])
+            await db.execute("COMMIT")
         except BaseException:
-            await self._db.rollback()
+            await db.rollback()
             raise
         return changed
 
+    async def _verify(self, db: aiosqlite.Connection) -> None:
+        """Raise ``DatabaseReplaced`` (after reopening the path) if ``db``'s files are not the
+        ones at the path any more: three ``stat`` calls, a few microseconds per batch."""
+        if self._db is not db:
+            raise DatabaseReplaced(f"{self._path} was reopened while this batch was written")
+        changed = changed_files(self._opened, identify(self._path))
+        if changed:
+            await self._reopen(",".join(changed))
+            raise DatabaseReplaced(f"{self._path} was deleted or replaced ({', '.join(changed)})")
+
+    async def _reopen(self, reason: str) -> None:
+        """Close the files we hold and open the path again (a new, empty table if it is gone)."""
+        db = self._db
+        async with self._reopen_lock:
+            if self._db is not db:
+                return  # another batch already reopened it
+            if not self._closed_for_reopen:
+                self._log.error("geo_database_replaced", db_path=str(self._path), files=reason)
+                await self._stop_checkpointer()
+                # The WAL alone may be gone while the database file is still ours: copy what
+                # only the WAL holds into the database file before letting go of it.
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await db.execute("PRAGMA wal_checkpoint(FULL)")
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await db.close()
+                self._closed_for_reopen = True
+                remove_stale_journal(self._path, self._opened)
+            try:
+                connection = await connect(self._path)
+            except (sqlite3.Error, OSError) as exc:  # e.g. the folder went read-only
+                raise self._reopen_failed(exc) from exc
+            opened = identify(self._path)
+            try:
+                self._checkpointer = await WalCheckpointer.start(
+                    self._path, lambda: self.commits, self._checkpoint_interval
+                )
+            except (sqlite3.Error, OSError) as exc:
+                await connection.close()
+                raise self._reopen_failed(exc) from exc
+            self._db, self._opened = connection, opened
+            self._closed_for_reopen = False
+            self.reopens += 1
+            self._log.warning("geo_database_reopened", db_path=str(self._path))
+
+    def _reopen_failed(self, exc: Exception) -> DatabaseReplaced:
+        """Logged at error; batches are requeued (after a back-off) and retry the reopen."""
+        self._log.error("geo_database_reopen_failed", db_path=str(self._path), error=repr(exc))
+        return DatabaseReplaced(f"cannot reopen {self._path}: {exc}")
+
     async def unresolved_ips(self) -> list[str]:
+        if self._closed_for_reopen or changed_files(self._opened, identify(self._path)):
+            await self._reopen("read")
         async with self._db.execute(SELECT_UNRESOLVED) as cursor:
             return [str(row[0]) async for row in cursor]
 
+    async def _start_checkpointer(self) -> None:
+        self._checkpointer = await WalCheckpointer.start(
+            self._path, lambda: self.commits, self._checkpoint_interval
+        )
+
+    async def _stop_checkpointer(self) -> None:
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            await checkpointer.close()
+
     async def close(self) -> None:
+        await self._stop_checkpointer()  # first: the writer's close is the last, final checkpoint
+        if not self._closed_for_reopen:
+            await self._db.close()
+
+
+class WalCheckpointer:
+    """Checkpoints the WAL from its own connection, so that no commit of the writer (whose
+    auto-checkpoint is off) ever carries one, and shrinks the file once no reader holds it.
+
+    Every ``interval`` seconds, when the WAL file holds ``CHECKPOINT_BYTES`` or more, or
+    when no commit came since the last look: a PASSIVE checkpoint (copies what it can, blocks
+    nobody), then, if that copied everything, a TRUNCATE with no busy wait, which empties the
+    file unless a reader still uses it or the writer is mid-commit (then: the next round).
+    """
+
+    def __init__(
+        self,
+        connection: aiosqlite.Connection,
+        wal_path: Path,
+        commits: Callable[[], int],
+        interval: float,
+    ) -> None:
+        self._db = connection
+        self._wal_path = wal_path
+        self._commits = commits
+        self._interval = interval
+        self._seen_commits = -1
+        self._task: asyncio.Task[None] | None = None
+        self.checkpoints = 0
+        self.truncations = 0
+        self._log = structlog.get_logger("persistence")
+
+    @classmethod
+    async def start(
+        cls, path: Path, commits: Callable[[], int], interval: float
+    ) -> WalCheckpointer:
+        connection = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await connection.execute("PRAGMA busy_timeout=0")  # never wait on the writer
+            await connection.execute("PRAGMA wal_autocheckpoint=0")
+            await connection.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+        except BaseException:
+            await connection.close()
+            raise
+        checkpointer = cls(connection, database_files(path)[1], commits, interval)
+        checkpointer._task = asyncio.create_task(checkpointer._run(), name="wal-checkpointer")
+        return checkpointer
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.round()
+            except (sqlite3.Error, OSError, ValueError) as exc:
+                self._log.warning("wal_checkpoint_failed", error=repr(exc))
+
+    async def round(self) -> None:
+        try:
+            size = os.stat(self._wal_path).st_size
+        except FileNotFoundError:
+            return
+        commits = self._commits()
+        idle, self._seen_commits = commits == self._seen_commits, commits
+        if size == 0 or not (idle or size >= CHECKPOINT_BYTES):
+            return
+        _, log_frames, copied = await self._checkpoint("PASSIVE")
+        self.checkpoints += 1
+        if copied < log_frames:
+            return  # a reader still uses part of the WAL: the next round
+        for _ in range(TRUNCATE_ATTEMPTS):
+            # Takes the write lock only if it is free (busy_timeout=0): the writer waits at most
+            # for the frames committed since the PASSIVE round, never for a whole checkpoint.
+            busy, _, _ = await self._checkpoint("TRUNCATE")
+            if not busy:
+                self.truncations += 1
+                if size > JOURNAL_SIZE_LIMIT:
+                    self._log.info("wal_truncated", wal_bytes=size)
+                return
+            await asyncio.sleep(TRUNCATE_RETRY_S)
+
+    async def _checkpoint(self, mode: str) -> tuple[int, int, int]:
+        async with self._db.execute(f"PRAGMA wal_checkpoint({mode})") as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1]), int(row[2])
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         await self._db.close()
+
+
+async def connect(path: Path) -> aiosqlite.Connection:
+    """The writer's connection, with ``geo_cache`` created or migrated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Autocommit: each upsert is a single statement, hence its own transaction. A prepared
+    # 1000-row upsert holds ~0.7 MiB and every flush ends with a batch of another size, so
+    # the statement cache is kept small (sqlite3's default of 128 grew RSS by ~95 MiB).
+    connection = await aiosqlite.connect(
+        path, isolation_level=None, cached_statements=STATEMENT_CACHE
+    )
+    try:
+        await connection.execute("PRAGMA journal_mode=WAL")
+        await connection.execute("PRAGMA synchronous=FULL")
+        await connection.execute("PRAGMA busy_timeout=5000")
+        # No checkpoint inside a commit: WalCheckpointer runs them on its own connection.
+        await connection.execute("PRAGMA wal_autocheckpoint=0")
+        await connection.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+        await connection.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        await ensure_schema(connection)
+    except BaseException:
+        await connection.close()
+        raise
+    return connection
 
 
 async def ensure_schema(db: aiosqlite.Connection) -> None:

@@ -1,11 +1,12 @@
 """``SqliteGeoRepository`` on a real SQLite file: the upsert rules, one commit per batch, batches
-bigger than one statement (atomic, never sharing a transaction, safe to cancel), and the
-migration of the original BanGUI table."""
+bigger than one statement (atomic, never sharing a transaction, safe to cancel), the migration of
+the original BanGUI table, a file deleted or replaced under the writer, and the WAL's bound."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from services.persistence.repository import SqliteGeoRepository, max_rows_per_statement
+from services.persistence.repository import (
+    CHECKPOINT_INTERVAL_S,
+    JOURNAL_SIZE_LIMIT,
+    DatabaseReplaced,
+    SqliteGeoRepository,
+    max_rows_per_statement,
+)
 from shared.messages import GeoRow, Resolution, iso_utc
 
 pytestmark = pytest.mark.integration
@@ -240,3 +247,123 @@ async def test_only_failed_rows_are_unresolved(repository: SqliteGeoRepository) 
         ]
     )
     assert await repository.unresolved_ips() == ["9.9.9.9"]
+
+
+def public_ips(n: int, salt: int = 0) -> list[str]:
+    """``n`` distinct addresses in 11.0.0.0/8, spread over the key space like real traffic."""
+    step = 2_654_435_761  # odd: a permutation of the 24-bit host part
+    return [
+        f"11.{(k := (i * step + salt) % 2**24) >> 16}.{k >> 8 & 255}.{k & 255}" for i in range(n)
+    ]
+
+
+def wal_bytes(db_path: Path) -> int:
+    wal = db_path.with_name(db_path.name + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+async def test_a_deleted_database_is_noticed_and_the_batch_lands_in_the_new_file(
+    repository: SqliteGeoRepository, db_path: Path
+) -> None:
+    await repository.upsert_many([row("8.8.8.8")])
+    for path in db_path.parent.glob(db_path.name + "*"):
+        path.unlink()
+    with pytest.raises(DatabaseReplaced):
+        await repository.upsert_many([row("9.9.9.9")])
+    assert repository.reopens == 1
+    # The requeued batch, redelivered, is written into the file now at the path.
+    await repository.upsert_many([row("9.9.9.9")])
+    assert set(stored(db_path)) == {"9.9.9.9"}
+    assert await repository.unresolved_ips() == []
+
+
+async def test_a_replaced_database_is_reopened_and_keeps_its_rows(
+    repository: SqliteGeoRepository, db_path: Path, tmp_path: Path
+) -> None:
+    await repository.upsert_many([row("8.8.8.8")])
+    restored = tmp_path / "backup.sqlite3"
+    other = await SqliteGeoRepository.open(restored)
+    await other.upsert_many([row("1.1.1.1", "DE")])
+    await other.close()
+    restored.replace(db_path)  # an operator restores a backup over the live file
+    with pytest.raises(DatabaseReplaced):
+        await repository.upsert_many([row("9.9.9.9")])
+    await repository.upsert_many([row("9.9.9.9")])
+    assert set(stored(db_path)) == {"1.1.1.1", "9.9.9.9"}
+
+
+async def test_a_deleted_wal_is_noticed_and_nothing_committed_is_lost(
+    repository: SqliteGeoRepository, db_path: Path
+) -> None:
+    await repository.upsert_many([row(ip) for ip in public_ips(500)])
+    db_path.with_name(db_path.name + "-wal").unlink()
+    with pytest.raises(DatabaseReplaced):
+        await repository.upsert_many([row("9.9.9.9")])
+    await repository.upsert_many([row("9.9.9.9")])
+    # The rows only the deleted WAL held were copied into the database file before letting go.
+    assert set(stored(db_path)) == {*public_ips(500), "9.9.9.9"}
+    assert db_path.with_name(db_path.name + "-wal").exists()
+
+
+async def test_batches_in_flight_when_the_file_goes_are_all_requeued(
+    repository: SqliteGeoRepository, db_path: Path
+) -> None:
+    await repository.upsert_many([row("8.8.8.8")])
+    await asyncio.to_thread(db_path.unlink)
+    outcomes = await asyncio.gather(
+        *(repository.upsert_many([row(ip)]) for ip in public_ips(8)), return_exceptions=True
+    )
+    assert all(isinstance(o, DatabaseReplaced) for o in outcomes), outcomes
+    assert repository.reopens == 1
+    assert stored(db_path) == {}
+
+
+async def test_commits_carry_no_checkpoint(repository: SqliteGeoRepository, db_path: Path) -> None:
+    await repository.upsert_many([row("8.8.8.8")])
+    async with repository._db.execute("PRAGMA wal_autocheckpoint") as cursor:
+        assert await cursor.fetchone() == (0,)
+    async with repository._db.execute("PRAGMA journal_size_limit") as cursor:
+        assert await cursor.fetchone() == (JOURNAL_SIZE_LIMIT,)
+
+
+async def test_the_wal_shrinks_once_a_long_reader_closes(
+    repository: SqliteGeoRepository, db_path: Path
+) -> None:
+    await repository.upsert_many([row("8.8.8.8")])
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT COUNT(*) FROM geo_cache").fetchone() == (1,)
+        ips = public_ips(40_000)
+        for start in range(0, len(ips), 1000):
+            await repository.upsert_many([row(ip) for ip in ips[start : start + 1000]])
+        # The reader's snapshot pins every frame written since: the WAL cannot be reused.
+        await asyncio.sleep(CHECKPOINT_INTERVAL_S * 2)
+        pinned = wal_bytes(db_path)
+        assert pinned > 8 * 1024 * 1024
+        assert reader.execute("SELECT COUNT(*) FROM geo_cache").fetchone() == (1,)
+        reader.execute("COMMIT")
+    finally:
+        reader.close()
+    # No commit comes after the reader closed: the checkpointer alone must shrink the file.
+    deadline = time.monotonic() + 10 * CHECKPOINT_INTERVAL_S
+    while wal_bytes(db_path) > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a file
+        await asyncio.sleep(0.1)
+    assert wal_bytes(db_path) == 0, f"WAL still {wal_bytes(db_path)} bytes (was {pinned})"
+    assert len(stored(db_path)) == 40_001
+
+
+async def test_a_replacement_that_is_not_a_database_is_retried_until_fixed(
+    repository: SqliteGeoRepository, db_path: Path, tmp_path: Path
+) -> None:
+    await repository.upsert_many([row("8.8.8.8")])
+    junk = tmp_path / "junk"
+    await asyncio.to_thread(junk.write_bytes, b"not a database, " * 512)
+    junk.replace(db_path)
+    for _ in range(2):  # each redelivery tries again, and is requeued again
+        with pytest.raises(DatabaseReplaced):
+            await repository.upsert_many([row("9.9.9.9")])
+    await asyncio.to_thread(db_path.unlink)
+    await repository.upsert_many([row("9.9.9.9")])
+    assert set(stored(db_path)) == {"9.9.9.9"}
+    assert repository.reopens == 1

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.decode import decode
+from shared.decode import decode, repeated_key
 from shared.errors import Rejected
 from shared.ipnorm import normalize_ip
 from shared.messages import MAX_IPS_PER_MESSAGE, GeoUpsertBatch, IpSeen
@@ -142,3 +142,61 @@ def test_valid_ip_seen_round_trips(addresses: list[str], single: bool) -> None:
     decoded = decode(IpSeen, event.model_dump_json().encode(), LIMIT)
     assert decoded == event
     assert decoded.addresses == [normalize_ip(a) for a in event.addresses]
+
+
+def upsert_body(rows: str, extra: str = "") -> bytes:
+    return ('{"batch_id": "b", "rows": ' + rows + extra + "}").encode()
+
+
+ROW = '["8.8.8.8", "failed", "2026-11-22T12:01:26.519722Z"]'
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "key"),
+    [
+        (IpSeen, b'{"ip": "11.0.0.9", "ip": "1.2.3.4"}', "ip"),
+        (IpSeen, b'{"ip": "11.0.0.9", "ip" : "1.2.3.4"}', "ip"),
+        (IpSeen, b'{"ip": "11.0.0.9", "\\u0069p": "1.2.3.4"}', "ip"),  # an escaped spelling
+        (IpSeen, b'{"ips": ["1.1.1.1"], "jail": "a", "ips": ["2.2.2.2"]}', "ips"),
+        (IpSeen, b'{"ip": "1.1.1.1", "meta": {"a": 1, "a": 2}}', "a"),  # nested: any repeat
+        (GeoUpsertBatch, upsert_body(f"[{ROW}]", f', "rows": [{ROW}]'), "rows"),
+        (GeoUpsertBatch, upsert_body(f"[{ROW}]", ', "batch_id": "c"'), "batch_id"),
+        (
+            GeoUpsertBatch,
+            upsert_body(
+                '[{"ip": "1.1.1.1", "ip": "2.2.2.2", "resolution": "failed",'
+                ' "cached_at": "2026-11-22T12:01:26.519722Z"}]'
+            ),
+            "ip",
+        ),
+    ],
+)
+def test_a_repeated_key_is_rejected(model: type[Any], body: bytes, key: str) -> None:
+    with pytest.raises(Rejected) as info:
+        decode(model, body, LIMIT)
+    assert info.value.reason == f"duplicate key {key!r} in one object"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"ip": "1.1.1.1", "source": "ip", "jail": "\\"ip\\": x"}',  # the name as a value
+        b'{"ip": "1.1.1.1", "seen": {"ip": "2.2.2.2"}, "other": {"ip": "3.3.3.3"}}',
+        b'{"ips": ["1.1.1.1"], "source": "caf\\u00e9"}',  # an escape in a value, not a key
+    ],
+)
+def test_a_field_name_elsewhere_is_not_a_repeat(body: bytes) -> None:
+    assert decode(IpSeen, body, LIMIT).addresses[0] == "1.1.1.1"
+
+
+def test_the_resolvers_bodies_take_the_fast_path() -> None:
+    rows = [
+        [f"11.0.{i // 256}.{i % 256}", "resolved", "2026-11-22T12:01:26.519722Z", "CI"]
+        for i in range(1000)
+    ]
+    for row in rows:
+        row += ["C\u00f4te d'Ivoire", None, None, "embedded"]
+    body = json.dumps({"batch_id": "x" * 32, "rows": rows}, separators=(",", ":")).encode()
+    assert b"\\u00f4" in body  # escapes in values do not force the exact parse
+    assert repeated_key(GeoUpsertBatch, body) is None
+    assert len(decode(GeoUpsertBatch, body, LIMIT).rows) == 1000

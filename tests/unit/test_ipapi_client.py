@@ -250,6 +250,22 @@ def test_parse_batch_maps_answers_onto_what_was_sent() -> None:
     }
 
 
+def test_parse_batch_keeps_only_what_persistence_stores() -> None:
+    # An unassigned code would get the geo.upsert dead-lettered: no answer, the IP is retried.
+    sent = ["8.8.8.8", "1.1.1.1"]
+    org = "Evil\u202e<script>" + "x" * 300
+    body = (
+        b'[{"status":"success","query":"8.8.8.8","countryCode":"ZZ","country":"Nowhere"},'
+        b'{"status":"success","query":"1.1.1.1","countryCode":"AU","country":"Australia",'
+        b'"as":"AS\\u0661\\u0662 x","org":"' + org.encode("unicode_escape") + b'"}]'
+    )
+    assert parse_batch(sent, body) == {
+        "1.1.1.1": Geo(
+            "AU", "Australia", None, ("Evilscript" + "x" * 300)[:200], Resolution.RESOLVED, "ip-api"
+        )
+    }
+
+
 @pytest.mark.parametrize("body", [b"<html>", b'{"status":"success"}', b'[{"query":"1.1.1.1"}]'])
 def test_parse_batch_rejects_what_is_not_a_batch_answer(body: bytes) -> None:
     with pytest.raises(ValueError, match="malformed"):

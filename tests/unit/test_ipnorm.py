@@ -101,3 +101,30 @@ def test_fast_ipv4_rule_agrees_with_the_stdlib(number: int) -> None:
 
 def test_fast_ipv4_rule_is_in_use_on_this_python() -> None:
     assert ipnorm._V4_NOT_ROUTABLE is not None  # else every check pays ~6 us of is_global
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("::11.0.0.26", "::b00:1a"),  # IPv4-compatible (deprecated): is_global says global
+        ("::8.8.8.8", "::808:808"),
+        ("64:ff9b::8.8.8.8", "64:ff9b::808:808"),  # NAT64, synthesized locally
+        ("4000::1", "4000::1"),  # reserved by the IETF, allocated to no one
+        ("1::1", "1::1"),
+    ],
+)
+def test_ipv6_outside_global_unicast_is_not_routable(raw: str, normal: str) -> None:
+    # Not routable, so the resolver stores it as not_global once and re-resolve never retries it.
+    assert normalize_ip(raw) == normal
+    assert not is_routable(normal)
+
+
+@given(st.integers(min_value=0, max_value=2**128 - 1))
+def test_ipv6_routable_only_in_global_unicast_and_where_the_stdlib_says_global(
+    number: int,
+) -> None:
+    address = ipaddress.IPv6Address(number)
+    if address.ipv4_mapped is not None:
+        return  # normalized to IPv4 before any is_routable call
+    in_2000_3 = address in ipaddress.IPv6Network("2000::/3")
+    assert is_routable(address.compressed) == (in_2000_3 and address.is_global)

@@ -9,18 +9,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import pycountry
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
 from shared.messages import (
+    COUNTRY_CODES,
     MESSAGE_MODELS,
     GeoRow,
     GeoUpsertBatch,
+    IpResolved,
     IpSeen,
     Resolution,
     RetryUnresolved,
+    clean_asn,
+    clean_text,
     iso_utc,
     iso_utc_from_epoch,
 )
@@ -185,3 +190,104 @@ def test_every_documented_example_is_a_valid_value(model: type[Any]) -> None:
             except ValidationError as exc:
                 where = f"{model.__name__}.{name}"
                 raise AssertionError(f"{where} example {example!r}: {exc}") from None
+
+
+def upsert_row(*fields: Any) -> list[Any]:
+    """A wire row (GeoRow order), the rest of its eight fields null."""
+    return [*fields, *[None] * (8 - len(fields))]
+
+
+def decode_rows(*rows: list[Any]) -> list[GeoRow]:
+    body = json.dumps({"batch_id": "b", "rows": list(rows)})
+    return list(GeoUpsertBatch.model_validate_json(body).rows)
+
+
+STAMP = iso_utc(WHEN)
+
+
+@pytest.mark.parametrize(
+    ("wire", "why"),
+    [
+        (upsert_row("ffff", "failed", STAMP), "rows.0.0"),
+        (upsert_row("::::", "failed", STAMP), "not an IPv4 or IPv6 address"),
+        (upsert_row("1.2.3.004", "failed", STAMP), "rows.0.0"),
+        (upsert_row("1.2.3", "failed", STAMP), "rows.0.0"),
+        (upsert_row("8.8.8.8", "resolved", STAMP, "<s"), "rows.0.3"),
+        (upsert_row("8.8.8.8", "resolved", STAMP, "ZZ"), "rows.0.3"),
+        (upsert_row("8.8.8.8", "resolved", STAMP, "us"), "rows.0.3"),
+        (upsert_row("8.8.8.8", "resolved", STAMP, "US", "x" * 10_240), "at most 200"),
+        (upsert_row("8.8.8.8", "resolved", STAMP, "US", None, None, "o" * 10_240), "at most 200"),
+        (
+            upsert_row("8.8.8.8", "resolved", STAMP, "US", None, None, None, "p" * 10_240),
+            "rows.0.7",
+        ),
+        (upsert_row("8.8.8.8", "resolved", STAMP, "US", "<script>alert(1)</script>"), "rows.0.4"),
+        (upsert_row("8.8.8.8", "resolved", STAMP, "US", None, None, "Evil\u202eCorp"), "rows.0.6"),
+        (upsert_row("8.8.8.8", "resolved", STAMP, "US", "a\nb"), "rows.0.4"),
+        (upsert_row("8.8.8.8", "resolved", STAMP, "US", None, "15169"), "rows.0.5"),
+        (upsert_row("8.8.8.8", "resolved", STAMP, "US", None, "AS" + "1" * 11), "rows.0.5"),
+        (upsert_row("8.8.8.8", "resolved", STAMP), "a resolved row needs a country_code"),
+        (upsert_row("8.8.8.8", "failed", STAMP, "US"), "a failed row has no country_code"),
+        (upsert_row("8.8.8.8", "not_global", STAMP, None, "X"), "a not_global row has no"),
+        (upsert_row("8.8.8.8", "rejected", STAMP, None, None, None, "Org"), "a rejected row has"),
+        (upsert_row("8.8.8.8", "failed", "2026-02-29T12:00:00.000000Z"), "rows.0.2"),
+        (upsert_row("8.8.8.8", "failed", "2026-04-31T12:00:00.000000Z"), "rows.0.2"),
+        (upsert_row("8.8.8.8", "failed", "2026-13-01T12:00:00.000000Z"), "rows.0.2"),
+        (upsert_row("8.8.8.8", "failed", "2026-11-22T24:00:00.000000Z"), "rows.0.2"),
+    ],
+)
+def test_geo_upsert_refuses_rows_that_are_junk(wire: list[Any], why: str) -> None:
+    good = upsert_row("8.8.8.8", "resolved", STAMP, "US", "United States", None, None, "embedded")
+    with pytest.raises(ValidationError) as info:
+        decode_rows(good, wire)
+    text = str(info.value).replace("rows.1", "rows.0").replace("row 1:", "row 0:")
+    assert why in text
+
+
+def test_geo_upsert_accepts_what_the_providers_produce() -> None:
+    rows = decode_rows(
+        upsert_row("8.8.8.8", "resolved", STAMP, "US", "United States", None, None, "embedded"),
+        upsert_row(
+            "1.1.1.1", "resolved", STAMP, "AU", "Australia", "AS13335", "Cloudflare, Inc.", "ip-api"
+        ),
+        upsert_row("2.2.2.2", "resolved", STAMP, "EU", "European Union", None, None, "embedded"),
+        upsert_row("3.3.3.3", "resolved", STAMP, "XK", "Kosovo", None, None, "mmdb"),
+        upsert_row("4.4.4.4", "resolved", STAMP, "CI", "Côte d'Ivoire", None, "AT&T", "mmdb"),
+        upsert_row("9.9.9.9", "failed", STAMP),
+        upsert_row("10.0.0.1", "not_global", STAMP),
+        upsert_row("5.5.5.5", "rejected", STAMP, None, None, None, None, "ip-api"),
+        upsert_row("6.6.6.6", "resolved", "2028-02-29T23:59:59.999999Z", "US"),
+    )
+    assert [r.country_code for r in rows] == ["US", "AU", "EU", "XK", "CI", None, None, None, "US"]
+
+
+def test_geo_upsert_normalizes_ipv6_rows_as_ip_seen_does() -> None:
+    rows = decode_rows(
+        upsert_row("2001:DB8:0:0:0:0:0:1", "failed", STAMP),
+        upsert_row("::ffff:8.8.8.8", "failed", STAMP),
+        upsert_row("::11.0.0.26", "not_global", STAMP),
+    )
+    assert [r.ip for r in rows] == ["2001:db8::1", "8.8.8.8", "::b00:1a"]
+
+
+def test_ip_resolved_rows_follow_the_same_rules() -> None:
+    with pytest.raises(ValidationError, match=r"rows\.0\.3"):
+        IpResolved.model_validate_json(
+            json.dumps({"rows": [upsert_row("8.8.8.8", "resolved", STAMP, "<s")]})
+        )
+
+
+def test_clean_text_makes_a_provider_name_storable() -> None:
+    assert clean_text("  Google\u202e <b>LLC</b>\x00 ") == "Google bLLC/b"
+    assert clean_text("x" * 300) == "x" * 200
+    assert clean_text("<>") is None
+    assert clean_text(None) is None
+    assert clean_asn("AS15169") == "AS15169"
+    assert (
+        clean_asn("AS\u0661\u0662\u0663") is None
+    )  # Unicode digits: str.isdigit says yes, the row says no
+    assert clean_asn("AS" + "9" * 11) is None
+
+
+def test_the_country_codes_are_pycountrys_and_the_rir_ones() -> None:
+    assert {c.alpha_2 for c in pycountry.countries} | {"EU", "AP", "XK"} == COUNTRY_CODES

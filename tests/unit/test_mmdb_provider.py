@@ -131,6 +131,21 @@ async def test_malformed_country_code_is_not_an_answer(tmp_path: Path) -> None:
     await provider.close()
 
 
+async def test_only_codes_and_names_persistence_stores_are_answers(tmp_path: Path) -> None:
+    # An unassigned code (DB-IP's ZZ) would get the whole geo.upsert batch dead-lettered, so it
+    # is no answer; a name with markup or beyond 200 characters is cleaned, not passed on.
+    records = {
+        "81.2.69.0/24": {"country": {"iso_code": "ZZ", "names": {"en": "Unknown"}}},
+        "89.160.20.0/24": {"country": {"iso_code": "SE", "names": {"en": "<b>Sweden</b>"}}},
+    }
+    db = write_mmdb(tmp_path / "c.mmdb", records)
+    provider = MmdbProvider(db)
+    assert await provider.lookup([GB_V4, "89.160.20.1"]) == {
+        "89.160.20.1": resolved("SE", "bSweden/b")
+    }
+    await provider.close()
+
+
 async def test_ipv4_only_file_leaves_ipv6_out_without_error(tmp_path: Path) -> None:
     db = write_mmdb(tmp_path / "v4.mmdb", {"81.2.69.0/24": COUNTRIES["81.2.69.0/24"]}, ip_version=4)
     provider = MmdbProvider(db)

@@ -6,13 +6,19 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.persistence.handlers import PersistenceDeps, on_geo_upsert_batch, on_re_resolve
+from services.persistence.handlers import (
+    MAX_CLOCK_SKEW_S,
+    PersistenceDeps,
+    on_geo_upsert_batch,
+    on_re_resolve,
+)
+from services.persistence.repository import DatabaseReplaced
 from shared import topology
-from shared.errors import Transient
+from shared.errors import Rejected, Transient
 from shared.messages import (
     GeoRow,
     GeoUpsertBatch,
@@ -59,7 +65,7 @@ def publisher() -> FakePublisher:
 
 @pytest.fixture
 def deps(repository: InMemoryGeoRepository, publisher: FakePublisher) -> PersistenceDeps:
-    return PersistenceDeps(repository=repository, publisher=publisher)
+    return PersistenceDeps(repository=repository, publisher=publisher, clock=WHEN.timestamp)
 
 
 async def test_upsert_batch_is_applied(
@@ -154,7 +160,7 @@ class BrokenRepository(InMemoryGeoRepository):
 )
 async def test_locked_or_full_database_becomes_transient(message: str) -> None:
     repository = BrokenRepository(error=sqlite3.OperationalError(message))
-    deps = PersistenceDeps(repository=repository, publisher=FakePublisher())
+    deps = PersistenceDeps(repository=repository, publisher=FakePublisher(), clock=WHEN.timestamp)
     with pytest.raises(Transient, match=message) as info:
         await on_geo_upsert_batch(GeoUpsertBatch(batch_id="b", rows=[geo_row("8.8.8.8")]), deps)
     assert isinstance(info.value.__cause__, sqlite3.OperationalError)
@@ -163,7 +169,45 @@ async def test_locked_or_full_database_becomes_transient(message: str) -> None:
 
 async def test_other_database_errors_are_not_transient() -> None:
     repository = BrokenRepository(error=sqlite3.IntegrityError("NOT NULL constraint failed"))
-    deps = PersistenceDeps(repository=repository, publisher=FakePublisher())
+    deps = PersistenceDeps(repository=repository, publisher=FakePublisher(), clock=WHEN.timestamp)
     with pytest.raises(sqlite3.IntegrityError):
+        await on_geo_upsert_batch(GeoUpsertBatch(batch_id="b", rows=[geo_row("8.8.8.8")]), deps)
+    assert deps.state.batches == 0
+
+
+def dated(ip: str, moment: datetime) -> GeoRow:
+    return GeoRow(
+        ip=ip, country_code="KP", resolution=Resolution.RESOLVED, cached_at=iso_utc(moment)
+    )
+
+
+async def test_a_row_dated_in_the_future_rejects_its_batch_unwritten(
+    deps: PersistenceDeps, repository: InMemoryGeoRepository
+) -> None:
+    # A year-9999 cached_at would win every later upsert: the false country would stay for good.
+    rows = [geo_row("8.8.8.8", "US"), dated("1.1.1.1", datetime(9999, 12, 31, 23, 59, tzinfo=UTC))]
+    with pytest.raises(Rejected, match=r"^rows\.1: cached_at 9999-12-31T23:59:00\.000000Z is more"):
+        await on_geo_upsert_batch(GeoUpsertBatch(batch_id="b", rows=rows), deps)
+    assert repository.rows == {}
+    assert repository.commits == 0
+
+
+async def test_a_clock_a_little_ahead_is_tolerated(
+    deps: PersistenceDeps, repository: InMemoryGeoRepository
+) -> None:
+    skew = timedelta(seconds=MAX_CLOCK_SKEW_S)
+    await on_geo_upsert_batch(
+        GeoUpsertBatch(batch_id="b", rows=[dated("1.1.1.1", WHEN + skew)]), deps
+    )
+    assert list(repository.rows) == ["1.1.1.1"]
+    late = dated("2.2.2.2", WHEN + skew + timedelta(milliseconds=1))
+    with pytest.raises(Rejected, match=r"rows\.0: cached_at"):
+        await on_geo_upsert_batch(GeoUpsertBatch(batch_id="c", rows=[late]), deps)
+
+
+async def test_a_replaced_database_file_becomes_transient() -> None:
+    repository = BrokenRepository(error=DatabaseReplaced("geo.sqlite3 was deleted or replaced"))
+    deps = PersistenceDeps(repository=repository, publisher=FakePublisher(), clock=WHEN.timestamp)
+    with pytest.raises(Transient, match="deleted or replaced"):
         await on_geo_upsert_batch(GeoUpsertBatch(batch_id="b", rows=[geo_row("8.8.8.8")]), deps)
     assert deps.state.batches == 0

@@ -14,7 +14,7 @@ import iptocc
 import pycountry
 
 from services.resolver.geo import Geo
-from shared.messages import Resolution
+from shared.messages import COUNTRY_CODES, Resolution
 
 # Codes the RIR files use that pycountry does not carry as countries.
 _EXTRA_NAMES = {"EU": "European Union", "AP": "Asia/Pacific Region", "XK": "Kosovo"}
@@ -39,7 +39,9 @@ class EmbeddedProvider:
     async def lookup(self, ips: Sequence[str]) -> Mapping[str, Geo]:
         # One batch call into compiled code: ~0.1 us per IP, so no thread hop is worth it.
         codes = iptocc.country_code(list(ips))
-        return {ip: _geo(code) for ip, code in zip(ips, codes, strict=True) if code}
+        return {
+            ip: _geo(code) for ip, code in zip(ips, codes, strict=True) if code in COUNTRY_CODES
+        }
 
     async def close(self) -> None:
         return None

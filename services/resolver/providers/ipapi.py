@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from services.resolver.geo import Geo
 from services.resolver.providers.ratelimit import Backoff, RequestBudget
 from shared.ipnorm import is_routable, normalize_ip
-from shared.messages import Resolution
+from shared.messages import COUNTRY_CODES, Resolution, clean_asn, clean_text
 from shared.metrics import MetricsRegistry
 from shared.settings import Settings
 
@@ -62,19 +62,16 @@ def _resolved(code: str, country: str | None, asn: str | None, org: str | None) 
 def _asn(as_field: str | None) -> str | None:
     """``"AS15169 Google LLC"`` -> ``"AS15169"``; anything else -> None."""
     parts = (as_field or "").split(maxsplit=1)
-    token = parts[0] if parts else ""
-    return token if token.startswith("AS") and token[2:].isdigit() else None
+    return clean_asn(parts[0]) if parts else None
 
 
 def to_geo(answer: IpApiAnswer) -> Geo | None:
     """The answer as a ``Geo``, or None when it says nothing final (so the IP is retried)."""
     if answer.status == "success":
         code = (answer.country_code or "").strip().upper()
-        if len(code) != 2 or not code.isalpha():
+        if code not in COUNTRY_CODES:  # persistence refuses anything else
             return None
-        return _resolved(
-            code, (answer.country or "").strip() or None, _asn(answer.as_), answer.org or None
-        )
+        return _resolved(code, clean_text(answer.country), _asn(answer.as_), clean_text(answer.org))
     if answer.status == "fail" and answer.message in FINAL_FAILURES:
         return REJECTED
     return None

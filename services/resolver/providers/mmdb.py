@@ -38,7 +38,7 @@ from maxminddb.types import Record
 
 from services.resolver.geo import Geo
 from services.resolver.providers.embedded import country_name
-from shared.messages import Resolution
+from shared.messages import COUNTRY_CODES, Resolution, clean_text
 from shared.settings import Settings
 
 COUNTRY_VARIABLE = "GEO_MMDB_PATH"
@@ -251,12 +251,12 @@ def _country(record: Record | None) -> tuple[str | None, str | None]:
         if not isinstance(part, dict):
             continue
         code = part.get("iso_code")
-        if not (isinstance(code, str) and len(code) == 2 and code.isascii() and code.isalpha()):
-            continue  # geo_cache.country_code holds exactly two letters
+        if not (isinstance(code, str) and code.upper() in COUNTRY_CODES):
+            continue  # geo_cache.country_code holds an ISO 3166-1 alpha-2 code
         code = code.upper()
         names = part.get("names")
         name = names.get("en") if isinstance(names, dict) else None
-        return code, name if isinstance(name, str) and name else country_name(code)
+        return code, clean_text(name if isinstance(name, str) else None) or country_name(code)
     return None, None
 
 
@@ -266,8 +266,9 @@ def _asn(record: Record | None) -> tuple[str | None, str | None]:
         return None, None
     number = record.get("autonomous_system_number")
     org = record.get("autonomous_system_organization")
-    asn = f"AS{number}" if isinstance(number, int) and not isinstance(number, bool) else None
-    return asn, org if isinstance(org, str) and org else None
+    valid = isinstance(number, int) and not isinstance(number, bool) and 0 <= number < 2**32
+    asn = f"AS{number}" if valid else None
+    return asn, clean_text(org if isinstance(org, str) else None)
 
 
 @lru_cache(maxsize=8192)
