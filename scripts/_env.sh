@@ -74,3 +74,17 @@ ensure_fail2ban() {
   echo "fail2ban-server is missing: install the fail2ban package (apt-get install -y fail2ban)" >&2
   return 1
 }
+
+# PostgreSQL for the tests of the postgres store: the local cluster, started if it is stopped.
+ensure_postgres() {
+  port_open 127.0.0.1 5432 && return 0
+  command -v pg_ctlcluster >/dev/null 2>&1 || {
+    echo "PostgreSQL is not running on 127.0.0.1:5432 and pg_ctlcluster is not installed" >&2
+    return 1
+  }
+  echo "==> starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | tail -1)" main start
+  for _ in $(seq 1 30); do port_open 127.0.0.1 5432 && return 0; sleep 1; done
+  echo "PostgreSQL did not open 127.0.0.1:5432 within 30 s" >&2
+  return 1
+}
