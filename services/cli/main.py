@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from services.cli import database, deadletters
+from services.cli import database, deadletters, import_sqlite
 from services.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
 from services.cli.inputs import InputError, from_arguments
 from services.cli.publish import PublishRequest, publish
@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         "stats", parents=[db], help="IPs by country, unresolved count, newest row"
     )
     stats.add_argument("--top", type=_positive, metavar="N", help="show the N largest countries")
+
+    imp = commands.add_parser(
+        "import-sqlite",
+        help="copy a SQLite geo_cache into PostgreSQL (GEO_DB_URL)",
+        description="Copy geo_cache from FILE (bangui-geo's or the original BanGUI's) into the "
+        "PostgreSQL database of GEO_DB_URL, in batches, with the upsert rules: safe to repeat.",
+    )
+    imp.add_argument("file", type=Path, metavar="FILE")
 
     dead = commands.add_parser("dead-letters", help="inspect or replay geo.dead_letter")
     dead_commands = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
@@ -155,12 +163,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             ips = [entry.ip for entry in from_arguments(list(args.ips))]
         except InputError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
-        with closing(database.open_read_only(settings.db_path)) as db:
+        with closing(database.open_reader(settings)) as db:
             print(database.render_lookup(ips, database.lookup(db, ips)))
     elif args.command == "stats":
-        with closing(database.open_read_only(settings.db_path)) as db:
+        with closing(database.open_reader(settings)) as db:
             stats = database.read_stats(db)
         print(database.render_stats(stats, datetime.now(UTC), top=args.top))
+    elif args.command == "import-sqlite":
+        import_sqlite.run(args.file, settings)
     elif args.command == "dead-letters":
         asyncio.run(_dead_letters(args, settings))
     return EXIT_OK

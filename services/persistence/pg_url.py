@@ -61,9 +61,9 @@ def check_shape(url: str) -> None:
 
 def driver_reason(exc: BaseException, url: str) -> str:
     """The useful part of a psycopg connection error: the server's FATAL line, if any."""
-    text = str(exc)
+    text = str(exc) or repr(exc)
     fatal = re.findall(r"FATAL:\s*(.+)", text)
-    return scrub(fatal[-1] if fatal else text.splitlines()[-1] if text else repr(exc), url)
+    return scrub(fatal[-1] if fatal else text.removeprefix("connection failed: "), url)
 
 
 def check_reachable(url: str) -> None:
