@@ -196,6 +196,7 @@ def _settings(*, amqp_url: str | None, db: Path | None) -> Settings:
         updates["amqp_url"] = amqp_url
     if db is not None:
         updates["db_path"] = db
+        updates["db_url"] = None  # an explicit SQLite file wins over GEO_DB_URL
     if not updates:
         return settings
     try:
