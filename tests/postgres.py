@@ -33,20 +33,21 @@ def url_of(database: str, base: str | None = None) -> str:
 
 
 @contextmanager
-def fresh_database() -> Iterator[str]:
-    """The URL of a new empty database, dropped on exit (open connections are ended)."""
-    name = f"geo_test_{uuid.uuid4().hex[:12]}"
+def fresh_database(server: str | None = None, prefix: str = "geo_test") -> Iterator[str]:
+    """The URL of a new empty database on ``server`` (an admin URL; default GEO_TEST_PG_URL),
+    dropped on exit (open connections are ended)."""
+    server = server or admin_url()
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     try:
-        admin = psycopg.connect(admin_url(), autocommit=True, connect_timeout=5)
+        admin = psycopg.connect(server, autocommit=True, connect_timeout=5)
     except psycopg.Error as exc:
         raise PostgresUnavailable(
-            f"PostgreSQL at GEO_TEST_PG_URL={admin_url()} is not reachable: {exc}"
-            " (scripts/test starts the local server)"
+            f"PostgreSQL at {server} is not reachable: {exc} (scripts/test starts the local server)"
         ) from exc
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
         try:
-            yield url_of(name)
+            yield url_of(name, server)
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -52,7 +52,7 @@ SCHEMA_LOCK = 0x6765_6F63  # "geoc"
 
 UPSERT = (
     f"INSERT INTO geo_cache ({', '.join(ROW_COLUMNS)}) SELECT * FROM unnest("
-    + ", ".join("%s::text[]" for _ in ROW_COLUMNS)
+    + ", ".join("%b::text[]" for _ in ROW_COLUMNS)  # binary: no array text to parse
     + f"){ON_CONFLICT}"
 )
 
