@@ -21,7 +21,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared/ shared/
 COPY services/ services/
-RUN pip install . \
+RUN pip install ".[postgres]" \
     && rm -rf build ./*.egg-info
 
 # docker-compose.yml mounts a named volume on /data; a new volume takes this directory's owner.
