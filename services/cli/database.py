@@ -2,8 +2,8 @@
 
 The file is opened with SQLite's ``mode=ro`` URI, so the CLI never creates, migrates or writes
 it (like any reader of a WAL database, SQLite may add its ``-wal``/``-shm`` companions); WAL mode
-lets it read while persistence writes. Queries are apart from the rendering, tested on a small
-file.
+lets it read while persistence writes. With ``GEO_DB_URL`` the same queries run on PostgreSQL
+(``database_pg.py``). Queries are apart from the rendering, tested on a small file.
 """
 
 from __future__ import annotations
