@@ -6,8 +6,9 @@ persistence instances may write at once, the database arbitrating. A batch is on
 transaction, one prepared statement for every batch size. The upsert rules are SQLite's own
 text (``ON_CONFLICT``). PostgreSQL refuses to update one row twice in a statement, so a batch's
 duplicate IPs are folded first by those same rules; rows go in IP order, so two writers lock
-overlapping rows in the same order and do not deadlock. A lost server, a deadlock or a
-serialization failure raises ``Transient``: the batch is requeued and the connection reopened.
+overlapping rows in the same order and do not deadlock. A lost server, a deadlock, a
+serialization failure or a server turned read-only raises ``Transient``: the batch is requeued
+and the connection reopened; a table dropped while running is created again.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ UPSERT = (
     + ", ".join("%b::text[]" for _ in ROW_COLUMNS)  # binary: no array text to parse
     + f"){ON_CONFLICT}"
 )
+
+# A server that became a read-only standby (a failover): reconnecting finds the new primary
+# where the URL lists several hosts with target_session_attrs=read-write.
+ReadOnly = psycopg.errors.ReadOnlySqlTransaction
 
 log = structlog.get_logger("persistence")
 
@@ -111,7 +116,10 @@ class PostgresGeoRepository:
             db = await self._connection()
             try:
                 cursor = await db.execute(UPSERT, params)
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            except psycopg.errors.UndefinedTable as exc:  # dropped while we ran: make it again
+                await ensure_schema(db)
+                raise Transient(f"geo_cache was missing at {self.where}: recreated") from exc
+            except (psycopg.OperationalError, psycopg.InterfaceError, ReadOnly) as exc:
                 raise await self._transient("write", exc) from exc
         self.commits += 1
         return max(cursor.rowcount, 0)
@@ -148,7 +156,9 @@ class PostgresGeoRepository:
     async def _transient(self, what: str, exc: psycopg.Error) -> Transient:
         """Deadlock, serialization failure, lost server: requeue. A broken connection is
         dropped so the next batch reconnects."""
-        if self._db is not None and (self._db.broken or self._db.closed):
+        if self._db is not None and (
+            self._db.broken or self._db.closed or isinstance(exc, ReadOnly)
+        ):
             await self.close()
         reason = scrub(str(exc), self._url)
         return Transient(f"geo_cache {what} failed at {self.where}: {reason}")

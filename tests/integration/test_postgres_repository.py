@@ -96,3 +96,44 @@ async def test_instances_starting_together_create_the_schema_once(pg_url: str) -
     ]  # fmt: skip
     assert {c[1] for c in columns} == {"text"}
     assert dict((c[0], c[2]) for c in columns)["cached_at"] == "C"
+
+
+async def test_a_table_dropped_while_running_is_recreated_and_the_batch_requeued(
+    pg_url: str,
+) -> None:
+    repo = await PostgresGeoRepository.open(pg_url)
+    try:
+        await repo.upsert_many([row("11.0.0.1")])
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            db.execute("DROP TABLE geo_cache")
+        with pytest.raises(Transient, match="recreated"):
+            await repo.upsert_many([row("11.0.0.2")])
+        assert await repo.upsert_many([row("11.0.0.2", None)]) == 1
+        assert await repo.unresolved_ips() == ["11.0.0.2"]
+    finally:
+        await repo.close()
+
+
+async def test_a_server_turned_read_only_is_transient_until_it_takes_writes_again(
+    pg_url: str,
+) -> None:
+    """As after a failover: the connection is dropped, so the next batch finds a writable one."""
+    database = pg_url.rsplit("/", 1)[1]
+    repo = await PostgresGeoRepository.open(pg_url)
+    try:
+        await repo.upsert_many([row("11.0.0.1")])
+        with psycopg.connect(admin_url(), autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (database,),
+            )
+            with pytest.raises(Transient):  # the connection the server ended
+                await repo.upsert_many([row("11.0.0.2")])
+            with pytest.raises(Transient, match="read-only"):
+                await repo.upsert_many([row("11.0.0.2")])
+            admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        assert await repo.upsert_many([row("11.0.0.2")]) == 1
+        assert set(read_rows(pg_url)) == {"11.0.0.1", "11.0.0.2"}
+    finally:
+        await repo.close()
