@@ -22,7 +22,7 @@ COPY pyproject.toml README.md ./
 COPY bangui_geo/ bangui_geo/
 COPY shared/ shared/
 COPY services/ services/
-RUN pip install . \
+RUN pip install ".[postgres]" \
     && rm -rf build ./*.egg-info
 
 # docker-compose.yml mounts a named volume on /data; a new volume takes this directory's owner.

@@ -26,6 +26,7 @@ from bench.latency import run_latency
 from bench.machine import CpuWatch, describe
 from bench.memory import run_memory
 from bench.persistence import run_persistence
+from bench.postgres import run_bulk_drain_pg, run_persistence_pg
 from bench.report import HEADER, Figure, Label, render, write_json
 from bench.services import py_spy
 
@@ -55,6 +56,7 @@ class Scenario:
     name: str
     keys: tuple[str, ...]
     run: Runner
+    opt_in: bool = False  # runs only when named with --only (needs a PostgreSQL server)
 
 
 def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -> list[Scenario]:
@@ -85,6 +87,14 @@ def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -
             sizes.agent_bans, sizes.agent_delays, pool.new("agent"), work / "agent"
         )
 
+    async def persistence_pg(pool: VhostPool, work: Path) -> list[Figure]:
+        return await run_persistence_pg(sizes.upsert_batches, sizes.upsert_rounds)
+
+    async def bulk_pg(pool: VhostPool, work: Path) -> list[Figure]:
+        vhost = pool.new("bulkpg")
+        drain = run_bulk_drain_pg(sizes.bulk_messages, vhost, work / "bulk-pg", tail_flush_interval)
+        return [await drain]
+
     return [
         Scenario("single", ("single_ip_drain",), single),
         Scenario("bulk", ("bulk_drain",), bulk),
@@ -93,6 +103,8 @@ def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -
         Scenario("ipapi", ("ipapi_batch_fill",), ipapi),
         Scenario("latency", ("e2e_latency_p50", "e2e_latency_p99", "commits_per_flush"), latency),
         Scenario("agent", ("agent_backfill", "agent_ban_delay_p50", "agent_ban_delay_p99"), agent),
+        Scenario("persistence-pg", ("persistence_upsert_pg",), persistence_pg, opt_in=True),
+        Scenario("bulk-pg", ("bulk_drain_pg",), bulk_pg, opt_in=True),
     ]
 
 
@@ -109,7 +121,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["single", "bulk", "persistence", "memory", "ipapi", "latency", "agent"],
+        choices=[
+            *("single", "bulk", "persistence", "memory", "ipapi", "latency", "agent"),
+            *("persistence-pg", "bulk-pg"),  # only when named (GEO_BENCH_PG_URL)
+        ],
         help="run only this scenario (repeatable)",
     )
     parser.add_argument(
@@ -137,7 +152,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-WORK_DIRS = ("single", "bulk", "sqlite", "ipapi", "latency", "agent")
+WORK_DIRS = ("single", "bulk", "sqlite", "ipapi", "latency", "agent", "bulk-pg")
 
 
 async def run(args: argparse.Namespace, work: Path) -> int:
@@ -161,7 +176,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
     chosen = [
         s
         for s in scenarios(sizes, args.tail_flush_interval, args.profile)
-        if not args.only or s.name in args.only
+        if s.name in (args.only or []) or (not args.only and not s.opt_in)
     ]
     figures: list[Figure] = []
     try:

@@ -87,3 +87,26 @@ ensure_systemd_analyze() {
   echo "systemd-analyze is missing: install the systemd package (apt-get install -y systemd)" >&2
   return 1
 }
+
+# PostgreSQL for the tests of the postgres store: the local cluster, started if it is stopped
+# (installed first where it is missing, with trust for loopback connections: a test machine).
+ensure_postgres() {
+  port_open 127.0.0.1 5432 && return 0
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+      echo "PostgreSQL is not running on 127.0.0.1:5432 and is not installed" >&2
+      return 1
+    fi
+    echo "==> installing PostgreSQL (apt-get)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } \
+      >/tmp/bangui-geo-apt.log 2>&1 || { cat /tmp/bangui-geo-apt.log >&2; return 1; }
+    local hba
+    hba="$(ls /etc/postgresql/*/main/pg_hba.conf | tail -1)"
+    sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+  fi
+  echo "==> starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | tail -1)" main start || true
+  for _ in $(seq 1 30); do port_open 127.0.0.1 5432 && return 0; sleep 1; done
+  echo "PostgreSQL did not open 127.0.0.1:5432 within 30 s" >&2
+  return 1
+}

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KNOWN_PROVIDERS = frozenset({"embedded", "ip-api", "mmdb"})
@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     db_path: Path = Field(
         default=Path("data/geo_cache.sqlite3"),
         description="SQLite file holding geo_cache; its parent folder is created.",
+    )
+    db_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql:// URL: geo_cache in PostgreSQL instead of GEO_DB_PATH.",
     )
     flush_interval: float = Field(default=60.0, gt=0, description="Seconds between geo.flush.")
     re_resolve_interval: float = Field(
@@ -115,7 +119,7 @@ class Settings(BaseSettings):
             )
         return ",".join(chain)
 
-    @field_validator("mmdb_path", "mmdb_asn_path", "metrics_port", mode="before")
+    @field_validator("mmdb_path", "mmdb_asn_path", "metrics_port", "db_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value  # compose's ${VAR:-} gives an empty string

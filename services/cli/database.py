@@ -2,21 +2,23 @@
 
 The file is opened with SQLite's ``mode=ro`` URI, so the CLI never creates, migrates or writes
 it (like any reader of a WAL database, SQLite may add its ``-wal``/``-shm`` companions); WAL mode
-lets it read while persistence writes. Queries are apart from the rendering, tested on a small
-file.
+lets it read while persistence writes. With ``GEO_DB_URL`` the same queries run on PostgreSQL
+(``database_pg.py``). Queries are apart from the rendering, tested on a small file.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from services.cli.errors import CliError
 from services.cli.table import render_table, thousands
+from shared.settings import Settings
 
 LOOKUP_COLUMNS = (
     "ip",
@@ -29,6 +31,23 @@ LOOKUP_COLUMNS = (
     "cached_at",
 )
 NOT_FOUND = "not in geo_cache"
+
+
+class Reader(Protocol):
+    """What the queries need: sqlite3's connection, or ``database_pg.PostgresReader``."""
+
+    def execute(self, query: str, params: Sequence[Any] = ..., /) -> Iterable[Any]: ...
+
+    def close(self) -> None: ...
+
+
+def open_reader(settings: Settings) -> Reader:
+    """PostgreSQL when ``GEO_DB_URL`` is set, else the SQLite file, read-only either way."""
+    if settings.db_url is None:
+        return open_read_only(settings.db_path)
+    from services.cli.database_pg import PostgresReader
+
+    return PostgresReader(settings.db_url.get_secret_value())
 
 
 def open_read_only(path: Path) -> sqlite3.Connection:
@@ -52,13 +71,12 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     return db
 
 
-def lookup(db: sqlite3.Connection, ips: Sequence[str]) -> dict[str, tuple[str | None, ...]]:
+def lookup(db: Reader, ips: Sequence[str]) -> dict[str, tuple[str | None, ...]]:
     """The rows of ``ips`` (normalized addresses) that exist, keyed by address."""
     found: dict[str, tuple[str | None, ...]] = {}
     query = f"SELECT {', '.join(LOOKUP_COLUMNS)} FROM geo_cache WHERE ip = ?"
     for ip in dict.fromkeys(ips):
-        row = db.execute(query, (ip,)).fetchone()
-        if row is not None:
+        for row in db.execute(query, (ip,)):
             found[ip] = tuple(None if value is None else str(value) for value in row)
     return found
 
@@ -87,7 +105,7 @@ class Stats:
         return sum(self.unresolved.values())
 
 
-def read_stats(db: sqlite3.Connection) -> Stats:
+def read_stats(db: Reader) -> Stats:
     by_country = [
         (str(code), None if name is None else str(name), int(count))
         for code, name, count in db.execute(
@@ -103,7 +121,7 @@ def read_stats(db: sqlite3.Connection) -> Stats:
             " GROUP BY resolution ORDER BY COUNT(*) DESC, resolution"
         )
     }
-    newest = db.execute("SELECT MAX(cached_at) FROM geo_cache").fetchone()[0]
+    ((newest,),) = db.execute("SELECT MAX(cached_at) FROM geo_cache")
     return Stats(by_country, unresolved, None if newest is None else str(newest))
 
 

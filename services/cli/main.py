@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from services.agent import command as agent_command
-from services.cli import backup, database, deadletters
+from services.cli import backup, database, deadletters, import_sqlite
 from services.cli.durations import format_age, parse_age
 from services.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
 from services.cli.inputs import InputError, from_arguments
@@ -125,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     copy.add_argument("file", type=Path, metavar="FILE", help="where the copy goes")
     copy.add_argument("--force", action="store_true", help="replace FILE if it exists")
+
+    imp = commands.add_parser(
+        "import-sqlite",
+        help="copy a SQLite geo_cache into PostgreSQL (GEO_DB_URL)",
+        description="Copy geo_cache from FILE (bangui-geo's or the original BanGUI's) into the "
+        "PostgreSQL database of GEO_DB_URL, in batches, with the upsert rules: safe to repeat.",
+    )
+    imp.add_argument("file", type=Path, metavar="FILE")
 
     dead = commands.add_parser("dead-letters", help="inspect or replay geo.dead_letter")
     dead_commands = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
@@ -234,19 +242,27 @@ def _dispatch(args: argparse.Namespace) -> int:
             ips = [entry.ip for entry in from_arguments(list(args.ips))]
         except InputError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
-        with closing(database.open_read_only(settings.db_path)) as db:
+        with closing(database.open_reader(settings)) as db:
             print(database.render_lookup(ips, database.lookup(db, ips)))
     elif args.command == "stats":
-        with closing(database.open_read_only(settings.db_path)) as db:
+        with closing(database.open_reader(settings)) as db:
             stats = database.read_stats(db)
         top = None if args.all else int(args.top)
         print(database.render_stats(stats, datetime.now(UTC), top=top))
     elif args.command == "backup":
+        if settings.db_url is not None:
+            raise CliError(
+                "geo_cache is in PostgreSQL (GEO_DB_URL): back it up with pg_dump; "
+                "backup copies a SQLite file (--db FILE)",
+                EXIT_USAGE,
+            )
         result = backup.backup(settings.db_path, args.file, overwrite=bool(args.force))
         print(
             f"backed up {thousands(result.rows)} rows of {settings.db_path} to {result.target}"
             f" ({thousands(result.size_bytes)} bytes, integrity ok)"
         )
+    elif args.command == "import-sqlite":
+        import_sqlite.run(args.file, settings)
     elif args.command == "dead-letters":
         asyncio.run(_dead_letters(args, settings))
     return EXIT_OK
@@ -272,6 +288,7 @@ def _settings(*, amqp_url: str | None, db: Path | None) -> Settings:
         updates["amqp_url"] = amqp_url
     if db is not None:
         updates["db_path"] = db
+        updates["db_url"] = None  # an explicit SQLite file wins over GEO_DB_URL
     if not updates:
         return settings
     try:

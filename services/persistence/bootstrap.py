@@ -1,4 +1,4 @@
-"""Composition root of persistence: opens the SQLite file and the broker, wires the two queues."""
+"""Composition root of persistence: opens the geo_cache store and the broker, wires the queues."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from functools import partial
 import structlog
 
 from services.persistence.handlers import PersistenceDeps, on_geo_upsert_batch, on_re_resolve
-from services.persistence.repository import SqliteGeoRepository
+from services.persistence.ports import GeoRepository
+from services.persistence.stores import describe, open_repository
 from shared import topology
 from shared.amqp import Amqp
 from shared.messages import GeoUpsertBatch, ReResolveStale
@@ -20,7 +21,7 @@ UPSERT_PREFETCH = 8
 
 
 def persistence_metrics(
-    deps: PersistenceDeps, repository: SqliteGeoRepository, amqp: Amqp
+    deps: PersistenceDeps, repository: GeoRepository, amqp: Amqp
 ) -> MetricsRegistry:
     registry = MetricsRegistry("persistence")
     amqp.register_metrics(registry)
@@ -32,7 +33,8 @@ def persistence_metrics(
     registry.counter("geo_sqlite_commits_total", "SQLite commits.", lambda: repository.commits)
     registry.counter(
         "geo_sqlite_reopens_total",
-        "Times the database file was found deleted or replaced and reopened.",
+        "Times the store was reopened: the SQLite file found deleted or replaced, or PostgreSQL "
+        "reconnected after a lost connection.",
         lambda: repository.reopens,
     )
     registry.counter(
@@ -46,7 +48,7 @@ def persistence_metrics(
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     log = structlog.get_logger("persistence")
     async with AsyncExitStack() as resources:  # released in reverse order of acquisition
-        repository = await SqliteGeoRepository.open(settings.db_path)
+        repository = await open_repository(settings)
         resources.push_async_callback(repository.close)
         amqp = await Amqp.open(settings, service="persistence", stop=stop)
         resources.push_async_callback(amqp.close)
@@ -68,7 +70,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             metrics = await serve_metrics(settings, registry, amqp.health)
             if metrics is not None:
                 resources.push_async_callback(metrics.stop)
-            log.info("persistence_ready", db_path=str(settings.db_path))
+            log.info("persistence_ready", **describe(settings))
             await stop.wait()
         finally:
             await amqp.stop_consuming(settings.drain_timeout)

@@ -1,6 +1,7 @@
-"""``SqliteGeoRepository`` on a real SQLite file: the upsert rules, one commit per batch, batches
-bigger than one statement (atomic, never sharing a transaction, safe to cancel), the migration of
-the original BanGUI table, a file deleted or replaced under the writer, and the WAL's bound."""
+"""``SqliteGeoRepository`` on a real SQLite file, what only SQLite has: WAL and its bound,
+batches bigger than one statement (atomic, never sharing a transaction, safe to cancel), the
+migration of the original BanGUI table, and a file deleted or replaced under the writer. The
+rules both stores share are in test_repository_contract.py."""
 
 from __future__ import annotations
 
@@ -83,63 +84,6 @@ async def test_rows_are_committed_once_per_batch(
     with closing(sqlite3.connect(db_path)) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert db.execute("SELECT typeof(resolution) FROM geo_cache").fetchone() == ("text",)
-
-
-async def test_newer_answers_win_and_older_ones_are_ignored(
-    repository: SqliteGeoRepository, db_path: Path
-) -> None:
-    await repository.upsert_many([row("8.8.8.8", "US", minutes=5)])
-    assert await repository.upsert_many([row("8.8.8.8", "DE", minutes=1)]) == 0
-    assert stored(db_path)["8.8.8.8"][0] == "US"
-    assert await repository.upsert_many([row("8.8.8.8", "DE", minutes=9)]) == 1
-    assert stored(db_path)["8.8.8.8"][0] == "DE"
-
-
-async def test_a_failure_never_overwrites_a_country(
-    repository: SqliteGeoRepository, db_path: Path
-) -> None:
-    await repository.upsert_many([row("8.8.8.8", "US"), row("9.9.9.9", None)])
-    await repository.upsert_many(
-        [row("8.8.8.8", None, minutes=10), row("9.9.9.9", None, minutes=10, provider="ip-api")]
-    )
-    after = stored(db_path)
-    assert after["8.8.8.8"] == ("US", "resolved", iso_utc(T0), "embedded")
-    assert after["9.9.9.9"] == (None, "failed", iso_utc(T0 + timedelta(minutes=10)), "ip-api")
-    await repository.upsert_many([row("9.9.9.9", "DE", minutes=11)])
-    assert stored(db_path)["9.9.9.9"][:2] == ("DE", "resolved")
-
-
-async def test_a_redelivered_batch_leaves_the_table_as_it_was(
-    repository: SqliteGeoRepository, db_path: Path
-) -> None:
-    batch = [row(f"11.0.0.{i}", "US" if i % 2 else None) for i in range(1, 200)]
-    await repository.upsert_many(batch)
-    before = stored(db_path)
-    await repository.upsert_many(batch)
-    assert stored(db_path) == before
-    assert len(before) == 199
-
-
-async def test_the_same_ip_twice_in_one_batch_keeps_the_newer_answer(
-    repository: SqliteGeoRepository, db_path: Path
-) -> None:
-    await repository.upsert_many([row("8.8.8.8", "DE", minutes=2), row("8.8.8.8", "US", minutes=1)])
-    await repository.upsert_many([row("1.1.1.1", "US", minutes=1), row("1.1.1.1", "DE", minutes=2)])
-    after = stored(db_path)
-    assert (after["8.8.8.8"][0], after["1.1.1.1"][0]) == ("DE", "DE")
-
-
-async def test_a_bad_row_rolls_back_its_whole_batch(
-    repository: SqliteGeoRepository, db_path: Path
-) -> None:
-    await repository.upsert_many([row("1.1.1.1")])
-    bad = row("11.0.0.3")._replace(cached_at=None)  # NOT NULL
-    with pytest.raises(sqlite3.IntegrityError):
-        await repository.upsert_many([row("11.0.0.1"), row("11.0.0.2"), bad, row("11.0.0.4")])
-    assert list(stored(db_path)) == ["1.1.1.1"]
-    assert repository.commits == 1
-    await repository.upsert_many([row("11.0.0.5")])  # no transaction was left open
-    assert set(stored(db_path)) == {"1.1.1.1", "11.0.0.5"}
 
 
 def test_a_batch_of_1000_fits_one_statement_with_this_sqlite() -> None:

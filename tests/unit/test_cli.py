@@ -632,3 +632,16 @@ def test_ages_parse_and_print_back(text: str, seconds: int, shown: str) -> None:
 @pytest.mark.parametrize("text", ["", "7", "d", "1.5h", "-1d", "7 days", "1y"])
 def test_what_is_not_an_age(text: str) -> None:
     assert parse_age(text) is None
+
+
+def test_backup_says_postgresql_is_backed_up_with_pg_dump(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GEO_DB_URL", "postgresql://geo:secret-pw@127.0.0.1:5432/geo")
+    code, out, err = run_cli(capsys, "backup", str(tmp_path / "copy.sqlite3"))
+    assert (code, out) == (2, "")
+    assert err == (
+        "bangui-geo: geo_cache is in PostgreSQL (GEO_DB_URL): back it up with pg_dump; "
+        "backup copies a SQLite file (--db FILE)\n"
+    )
+    assert not (tmp_path / "copy.sqlite3").exists()

@@ -235,7 +235,7 @@ def test_every_service_command_is_a_module_of_the_contract(
     compose: dict[str, Any], dockerfile: Dockerfile
 ) -> None:
     services = compose["services"]
-    assert set(services) == {"rabbitmq", *APP_SERVICES, *CLUSTER_NODES, "agent"}
+    assert set(services) == {"rabbitmq", *APP_SERVICES, *CLUSTER_NODES, "agent", "postgres"}
     always = {name for name, service in services.items() if not service.get("profiles")}
     assert always == {"rabbitmq", *APP_SERVICES}  # `docker compose up` starts what it did
     for name in APP_SERVICES:
@@ -398,8 +398,9 @@ def test_dockerfile_builds_a_slim_non_root_image_of_the_project(dockerfile: Dock
     install = dockerfile.index_of_last("RUN", "pip install")
     assert dockerfile.index_of_last("USER") > install  # installed as root, run as the user
     pip = dockerfile.instructions[install][1]
-    assert re.search(r"pip install (\S+ )*\.(\s|$)", pip), pip
-    assert "[" not in pip, "the image installs an extra (test dependencies?)"
+    assert re.search(r"pip install (\S+ )*\"?\.(\[postgres\])?\"?(\s|$)", pip), pip
+    assert "[test" not in pip, "the image installs the test dependencies"
+    assert re.sub(r"\[postgres\]", "", pip).count("[") == 0, "an extra other than postgres"
     copied = [rest.split()[:-1] for rest in dockerfile.all("COPY")]
     sources = {PurePosixPath(s).as_posix().rstrip("/") for group in copied for s in group}
     packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
@@ -697,7 +698,8 @@ def test_only_marked_development_passwords_are_in_the_repository(
 ) -> None:
     defaults = re.findall(r"_PASSWORD:-([^}]*)\}", " ".join(_walk(raw_compose)))
     users = [*SERVICE_USERS.values(), PUBLISHER]  # the publisher's: the agent profile's
-    assert sorted(defaults) == sorted(DEV_PASSWORDS[u] for u in users)
+    expected = [*(DEV_PASSWORDS[u] for u in users), "dev-only-geo-postgres"]
+    assert sorted(defaults) == sorted(expected)
     assert all(d.startswith("dev-only-") for d in defaults)
 
 

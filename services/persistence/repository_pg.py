@@ -1,0 +1,180 @@
+"""``geo_cache`` in PostgreSQL through psycopg 3: the same table, rules and queries as SQLite.
+
+For BanGUI on several hosts: the database server replicates and fails over, and several
+persistence instances may write at once, the database arbitrating. A batch is one statement,
+``INSERT .. SELECT FROM unnest(arrays) ON CONFLICT``, in autocommit: one round trip, one
+transaction, one prepared statement for every batch size. The upsert rules are SQLite's own
+text (``ON_CONFLICT``). PostgreSQL refuses to update one row twice in a statement, so a batch's
+duplicate IPs are folded first by those same rules; rows go in IP order, so two writers lock
+overlapping rows in the same order and do not deadlock. A lost server, a deadlock, a
+serialization failure or a server turned read-only raises ``Transient``: the batch is requeued
+and the connection reopened; a table dropped while running is created again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from itertools import pairwise
+
+import psycopg
+import structlog
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+
+from services.persistence.pg_url import CONNECT_TIMEOUT_S, redacted, scrub
+from services.persistence.repository import (
+    ADDED_COLUMNS,
+    ON_CONFLICT,
+    ROW_COLUMNS,
+    SELECT_UNRESOLVED,
+    UNRESOLVED_INDEX,
+)
+from shared.errors import Transient
+from shared.messages import GeoRow
+
+# TEXT as in SQLite, so readers see the same values. Collation "C" (byte order) whatever the
+# cluster's locale: fixed-width ISO-8601 strings then compare in time order, and the IP order
+# the rows are locked in is Python's sort order.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS geo_cache (
+    ip           TEXT COLLATE "C" PRIMARY KEY,
+    country_code TEXT,
+    country_name TEXT,
+    asn          TEXT,
+    org          TEXT,
+    cached_at    TEXT COLLATE "C" NOT NULL,
+    resolution   TEXT,
+    provider     TEXT
+)
+"""
+# Serializes schema creation between instances starting together (an arbitrary constant).
+SCHEMA_LOCK = 0x6765_6F63  # "geoc"
+
+UPSERT = (
+    f"INSERT INTO geo_cache ({', '.join(ROW_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join("%b::text[]" for _ in ROW_COLUMNS)  # binary: no array text to parse
+    + f"){ON_CONFLICT}"
+)
+
+# A server that became a read-only standby (a failover): reconnecting finds the new primary
+# where the URL lists several hosts with target_session_attrs=read-write.
+ReadOnly = psycopg.errors.ReadOnlySqlTransaction
+
+log = structlog.get_logger("persistence")
+
+
+def fold(rows: Sequence[GeoRow]) -> list[GeoRow]:
+    """``rows`` in IP order with one row per IP: the one the upsert rules leave when the rows
+    are applied in turn, as SQLite applies a multi-row statement."""
+    if all(a.ip < b.ip for a, b in pairwise(rows)):
+        return list(rows)  # the resolver's batches: sorted and distinct already
+    kept: dict[str, GeoRow] = {}
+    for row in rows:
+        old = kept.get(row.ip)
+        if old is None or (
+            row.cached_at >= old.cached_at
+            and (row.country_code is not None or old.country_code is None)
+        ):
+            kept[row.ip] = row
+    return [kept[ip] for ip in sorted(kept)]
+
+
+def columns(rows: Sequence[GeoRow]) -> list[list[str | None]]:
+    """The batch as one text array per column, for ``unnest``."""
+    return [[None if v is None else str(v) for v in column] for column in zip(*rows, strict=True)]
+
+
+class PostgresGeoRepository:
+    def __init__(self, url: str, connection: AsyncConnection[TupleRow]) -> None:
+        self._url = url
+        self._db: AsyncConnection[TupleRow] | None = connection
+        self._lock = asyncio.Lock()  # one statement at a time on the one connection
+        self.commits = 0
+        self.reopens = 0  # reconnections after a lost connection
+
+    @classmethod
+    async def open(cls, url: str) -> PostgresGeoRepository:
+        """Connect and create or migrate ``geo_cache``; errors are raised as the driver's."""
+        connection = await _connect(url)
+        try:
+            await ensure_schema(connection)
+        except BaseException:
+            await connection.close()
+            raise
+        return cls(url, connection)
+
+    @property
+    def where(self) -> str:
+        return redacted(self._url)
+
+    async def upsert_many(self, rows: Sequence[GeoRow]) -> int:
+        """Apply ``rows`` in one statement, hence one transaction and one commit."""
+        if not rows:
+            return 0
+        params = columns(fold(rows))
+        async with self._lock:
+            db = await self._connection()
+            try:
+                cursor = await db.execute(UPSERT, params)
+            except psycopg.errors.UndefinedTable as exc:  # dropped while we ran: make it again
+                await ensure_schema(db)
+                raise Transient(f"geo_cache was missing at {self.where}: recreated") from exc
+            except (psycopg.OperationalError, psycopg.InterfaceError, ReadOnly) as exc:
+                raise await self._transient("write", exc) from exc
+        self.commits += 1
+        return max(cursor.rowcount, 0)
+
+    async def unresolved_ips(self) -> list[str]:
+        async with self._lock:
+            db = await self._connection()
+            try:
+                cursor = await db.execute(SELECT_UNRESOLVED)
+                found = await cursor.fetchall()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                raise await self._transient("read", exc) from exc
+        return [str(row[0]) for row in found]
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def _connection(self) -> AsyncConnection[TupleRow]:
+        """The open connection, reopened after the server went away."""
+        if self._db is not None and not self._db.closed and not self._db.broken:
+            return self._db
+        await self.close()
+        try:
+            self._db = await _connect(self._url)
+        except psycopg.Error as exc:
+            raise Transient(
+                f"geo_cache unreachable at {self.where}: {scrub(str(exc), self._url)}"
+            ) from exc
+        self.reopens += 1
+        log.info("postgres_connection_restored", db=self.where)
+        return self._db
+
+    async def _transient(self, what: str, exc: psycopg.Error) -> Transient:
+        """Deadlock, serialization failure, lost server: requeue. A broken connection is
+        dropped so the next batch reconnects."""
+        if self._db is not None and (
+            self._db.broken or self._db.closed or isinstance(exc, ReadOnly)
+        ):
+            await self.close()
+        reason = scrub(str(exc), self._url)
+        return Transient(f"geo_cache {what} failed at {self.where}: {reason}")
+
+
+async def _connect(url: str) -> AsyncConnection[TupleRow]:
+    return await AsyncConnection.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+
+
+async def ensure_schema(db: AsyncConnection[TupleRow]) -> None:
+    """Create the table, or bring the original BanGUI's six columns up to date, atomically."""
+    async with db.transaction():
+        await db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        await db.execute(SCHEMA)
+        for column, kind in ADDED_COLUMNS.items():
+            await db.execute(f"ALTER TABLE geo_cache ADD COLUMN IF NOT EXISTS {column} {kind}")
+        await db.execute(UNRESOLVED_INDEX)
