@@ -30,7 +30,10 @@ pytestmark = pytest.mark.integration
 
 PERSISTENCE = "geo-persistence"
 RESOLVER = "geo-resolver"
-BATCH = b'{"batch_id": "b", "rows": [["8.8.8.8", "resolved", "2026-11-22T12:01:26.519722Z"]]}'
+BATCH = (
+    b'{"batch_id": "b", "rows": [["8.8.8.8", "resolved", "2026-11-22T12:01:26.519722Z", "US",'
+    b' "United States", null, null, "embedded"]]}'
+)
 
 
 def delete(admin: BrokerAdmin, vhost: str, kind: str, name: str) -> None:
