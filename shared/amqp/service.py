@@ -24,7 +24,6 @@ from aio_pika.exceptions import (
     AMQPConnectionError,
     ChannelInvalidStateError,
 )
-from aiormq.exceptions import ChannelLockedResource
 from pydantic import BaseModel
 
 from shared import topology
@@ -37,6 +36,7 @@ from shared.amqp.connection import (
     json_message,
     open_channel,
 )
+from shared.amqp.lock import LeaderLock
 from shared.decode import decode
 from shared.errors import Rejected, Transient
 from shared.metrics import MetricsRegistry
@@ -285,6 +285,7 @@ class Amqp:
     max_bytes: int
     consumers: list[Consumer[Any]] = field(default_factory=list)
     _channels: list[AbstractChannel] = field(default_factory=list)
+    _leader_lock: LeaderLock = field(default_factory=LeaderLock)
 
     @classmethod
     async def open(cls, settings: Settings, *, service: str) -> Amqp:
@@ -381,16 +382,10 @@ class Amqp:
 
         The queue is not part of the robust channel's restore: after a reconnect another timer
         may hold it, and a failing restore would fail every reconnect attempt. The holder calls
-        this again instead, and steps down on False.
+        this again instead, and steps down on False. ``LeaderLock`` says why the attempts use a
+        channel of their own, kept across checks.
         """
-        channel = await self.connection.channel()
-        try:
-            await channel.declare_queue(lock_name, exclusive=True, durable=False, robust=False)
-        except ChannelLockedResource:
-            return False
-        finally:  # the queue belongs to the connection, not to this channel
-            await close_quietly(channel)
-        return True
+        return await self._leader_lock.attempt(self.connection, lock_name)
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time the robust connection has been restored."""
@@ -402,6 +397,8 @@ class Amqp:
             await consumer.stop(max(0.0, deadline - time.monotonic()))
 
     async def close(self) -> None:
+        with suppress(Exception):  # best effort, as for the channels: the connection goes next
+            await self._leader_lock.close()
         for channel in reversed([self.channel, *self._channels]):
             await close_quietly(channel)
         await self.connection.close()
