@@ -1,5 +1,6 @@
-"""``python -m bench [--quick] [--json PATH]``: run every scenario once, print each figure beside
-its baseline as soon as it is measured, then delete the run's vhosts and temp files.
+"""``python -m bench [--quick] [--json PATH]``: run every scenario once (the soak only when named
+with ``--only soak``), print each figure beside its baseline as soon as it is measured, then
+delete the run's vhosts and temp files.
 
 Scenarios run one after another (never two at once, so they do not compete for the CPUs), each
 in a vhost of its own. A scenario that cannot run marks its figures ERROR and the run goes on;
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.broker import VhostPool, admin_from_env, broker_version, masked
@@ -27,6 +28,8 @@ from bench.memory import run_memory
 from bench.persistence import run_persistence
 from bench.report import HEADER, Figure, Label, render, write_json
 from bench.services import py_spy
+from bench.soak import SERVICES as SOAK_SERVICES
+from bench.soak import run_soak
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,11 @@ class Sizes:
     ipapi_burst: int
     latency_messages: int
     latency_rate: float
+    soak_duration: float
 
 
-FULL = Sizes(50_000, 1000, 100, 3, 200_000, 5_000, 500, 100.0)
-QUICK = Sizes(5_000, 20, 20, 3, 200_000, 2_000, 200, 100.0)
+FULL = Sizes(50_000, 1000, 100, 3, 200_000, 5_000, 500, 100.0, 1800.0)
+QUICK = Sizes(5_000, 20, 20, 3, 200_000, 2_000, 200, 100.0, 45.0)
 
 Runner = Callable[[VhostPool, Path], Awaitable[list[Figure]]]
 
@@ -52,6 +56,7 @@ class Scenario:
     name: str
     keys: tuple[str, ...]
     run: Runner
+    opt_in: bool = False  # runs only when named with --only (the soak takes half an hour)
 
 
 def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -> list[Scenario]:
@@ -77,6 +82,10 @@ def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -
             sizes.latency_messages, sizes.latency_rate, pool.new("latency"), work / "latency"
         )
 
+    async def soak(pool: VhostPool, work: Path) -> list[Figure]:
+        return await run_soak(sizes.soak_duration, pool.new("soak"), work / "soak")
+
+    soak_keys = (*(f"soak_rss_{name}" for name in SOAK_SERVICES), "soak_rows")
     return [
         Scenario("single", ("single_ip_drain",), single),
         Scenario("bulk", ("bulk_drain",), bulk),
@@ -84,6 +93,7 @@ def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -
         Scenario("memory", ("resolver_memory",), memory),
         Scenario("ipapi", ("ipapi_batch_fill",), ipapi),
         Scenario("latency", ("e2e_latency_p50", "e2e_latency_p99", "commits_per_flush"), latency),
+        Scenario("soak", soak_keys, soak, opt_in=True),
     ]
 
 
@@ -99,8 +109,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["single", "bulk", "persistence", "memory", "ipapi", "latency"],
-        help="run only this scenario (repeatable)",
+        choices=["single", "bulk", "persistence", "memory", "ipapi", "latency", "soak"],
+        help="run only this scenario (repeatable); soak runs only when named here",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        metavar="S",
+        help="seconds of load in the soak (default 1800, or 45 with --quick)",
     )
     parser.add_argument(
         "--tail-flush-interval",
@@ -122,18 +138,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.profile and args.workdir is None:
         parser.error("--profile writes its flame graphs into --workdir: give one")
+    if args.duration is not None and args.duration <= 0:
+        parser.error("--duration must be a positive number of seconds")
     if args.profile and py_spy() is None:
         parser.error("--profile needs py-spy (pip install py-spy, or the [test] extra)")
     return args
 
 
-WORK_DIRS = ("single", "bulk", "sqlite", "ipapi", "latency")
+WORK_DIRS = ("single", "bulk", "sqlite", "ipapi", "latency", "soak")
 
 
 async def run(args: argparse.Namespace, work: Path) -> int:
     started = time.monotonic()
     admin = admin_from_env()
     sizes = QUICK if args.quick else FULL
+    if args.duration is not None:
+        sizes = replace(sizes, soak_duration=args.duration)
     header = {
         "mode": "quick" if args.quick else "full",
         **describe(broker_version(admin)),
@@ -151,7 +171,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
     chosen = [
         s
         for s in scenarios(sizes, args.tail_flush_interval, args.profile)
-        if not args.only or s.name in args.only
+        if (s.name in args.only if args.only else not s.opt_in)
     ]
     figures: list[Figure] = []
     try:
