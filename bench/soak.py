@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aio_pika
+from aio_pika.abc import AbstractExchange
+from aio_pika.exceptions import AMQPError
 
 from bench.broker import connect
 from bench.ips import iter_public_ipv4
@@ -39,6 +41,7 @@ FLUSH_INTERVAL_S = "1"
 RE_RESOLVE_INTERVAL_S = "60"  # the re-resolve path runs too, as in production (at 600 s)
 WARM_UP_MAX_S = 300.0
 SAMPLE_EVERY_MAX_S = 10.0
+RECONNECT_LIMIT_S = 120.0
 # Growth a service may show per hour and still count as flat (allocator noise, log buffers).
 FLAT_MB_PER_HOUR = 2.0
 SERVICES = ("resolver", "persistence", "timer", "standby")
@@ -95,17 +98,27 @@ class RssSamples:
 
     series: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
 
+    csv: Path | None = None  # each sample also appended here, so a long run leaves its data
+
     def take(self, elapsed: float, pids: dict[str, int]) -> None:
         for name, pid in pids.items():
             rss = read_status(pid).get("VmRSS")
             if rss is not None:
                 self.series.setdefault(name, []).append((elapsed, rss))
+                if self.csv is not None:
+                    with self.csv.open("a") as out:
+                        out.write(f"{elapsed:.1f},{name},{rss}\n")
 
 
 async def publish_steadily(amqp_url: str, ips: MixedIps, duration: float, on_tick: Tick) -> int:
     """``RATE`` single-IP ``ip.seen`` a second for ``duration`` seconds, with confirms; returns
-    how many were published. ``on_tick`` runs between groups (the RSS sampling)."""
-    connection = await connect(amqp_url)
+    how many were published. ``on_tick`` runs between groups (the RSS sampling).
+
+    Half an hour on a shared broker may see it restarted: the connection is robust, and a group
+    that was not confirmed is published again once it is back (the services reconnect on their
+    own), so the rows still match the IPs and the interruption is counted, not fatal.
+    """
+    connection = await aio_pika.connect_robust(amqp_url, timeout=10)
     published = 0
     try:
         channel = await connection.channel(publisher_confirms=True)
@@ -115,25 +128,40 @@ async def publish_steadily(amqp_url: str, ips: MixedIps, duration: float, on_tic
         for tick in range(ticks):
             await asyncio.sleep(max(0.0, started + tick * PUBLISH_TICK_S - time.monotonic()))
             due = round((tick + 1) * PUBLISH_TICK_S * RATE) - published
+            bodies = [json.dumps({"ip": ips.next()}).encode() for _ in range(due)]
+            await publish_group(exchange, bodies, on_tick)
+            published += due
+            on_tick(time.monotonic() - started)
+    finally:
+        await connection.close()
+    return published
+
+
+async def publish_group(exchange: AbstractExchange, bodies: list[bytes], on_tick: Tick) -> None:
+    """Publish ``bodies`` with confirms, again after a lost connection, for up to two minutes."""
+    give_up = time.monotonic() + RECONNECT_LIMIT_S
+    while True:
+        try:
             await asyncio.gather(
                 *(
                     exchange.publish(
                         aio_pika.Message(
-                            json.dumps({"ip": ips.next()}).encode(),
+                            body,
                             content_type="application/json",
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                         ),
                         topology.IP_SEEN,
                         timeout=30,
                     )
-                    for _ in range(due)
+                    for body in bodies
                 )
             )
-            published += due
-            on_tick(time.monotonic() - started)
-    finally:
-        await connection.close()
-    return published
+            return
+        except (AMQPError, ConnectionError, TimeoutError, RuntimeError):
+            if time.monotonic() > give_up:
+                raise
+            on_tick.interruptions += 1
+            await asyncio.sleep(1.0)
 
 
 class Tick:
@@ -143,7 +171,8 @@ class Tick:
         self.services = services
         self.pids = pids
         self.every = every
-        self.samples = RssSamples()
+        self.samples = RssSamples(csv=services.log_dir / "rss.csv")
+        self.interruptions = 0  # publishes retried after the broker went away
         self._next = 0.0
 
     def __call__(self, elapsed: float) -> None:
@@ -214,7 +243,17 @@ async def run_soak(duration: float, amqp_url: str, workdir: Path) -> list[Figure
         codes.update(await asyncio.to_thread(services.stop_all))
     finally:
         services.kill_all()
-    return figures(tick.samples, warm_up, duration, published, expected, rows, errors, codes)
+    return figures(
+        tick.samples,
+        warm_up,
+        duration,
+        published,
+        expected,
+        rows,
+        errors,
+        codes,
+        tick.interruptions,
+    )
 
 
 def figures(
@@ -226,6 +265,7 @@ def figures(
     rows: int,
     errors: int,
     codes: dict[str, int],
+    interruptions: int,
 ) -> list[Figure]:
     out = []
     for name in SERVICES:
@@ -264,6 +304,16 @@ def figures(
         f"{published} messages published, {expected} distinct IPs, {rows} rows; "
         f"{errors} error lines in the service logs; exit codes {codes}"
     )
-    stored.metrics.update(published=published, distinct_ips=expected, rows=rows, errors=errors)
+    if interruptions:
+        stored.details.append(
+            f"the broker went away during the run: {interruptions} publish groups retried"
+        )
+    stored.metrics.update(
+        published=published,
+        distinct_ips=expected,
+        rows=rows,
+        errors=errors,
+        interruptions=interruptions,
+    )
     out.append(stored)
     return out
