@@ -100,7 +100,7 @@ def renamed(definitions: dict[str, Any], vhost: str, users: dict[str, str]) -> d
     out["vhosts"] = [{**v, "name": vhost} for v in out["vhosts"]]
     for user in out["users"]:
         user["name"] = users[user["name"]]
-    for kind in ("permissions", "topic_permissions", "exchanges", "queues", "bindings"):
+    for kind in ("permissions", "topic_permissions", "policies", "exchanges", "queues", "bindings"):
         for item in out[kind]:
             item["vhost"] = vhost
             if "user" in item:
