@@ -46,7 +46,7 @@ class Sizes:
 
 
 FULL = Sizes(50_000, 1000, 100, 3, 200_000, 5_000, 500, 100.0, 1800.0)
-QUICK = Sizes(5_000, 20, 20, 3, 200_000, 2_000, 200, 100.0, 45.0)
+QUICK = Sizes(5_000, 20, 20, 3, 200_000, 2_000, 200, 100.0, 30.0)
 
 Runner = Callable[[VhostPool, Path], Awaitable[list[Figure]]]
 
@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--duration",
         type=float,
         metavar="S",
-        help="seconds of load in the soak (default 1800, or 45 with --quick)",
+        help="seconds of load in the soak (default 1800, or 30 with --quick)",
     )
     parser.add_argument(
         "--tail-flush-interval",
