@@ -9,8 +9,12 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.broker import BrokerAdmin
 from tests.integration.test_bench_quick import LABELS, run_bench
+
+pytestmark = pytest.mark.integration
 
 SOAK_FIGURES = (
     "soak_rss_resolver",
