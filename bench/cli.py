@@ -1,5 +1,6 @@
-"""``python -m bench [--quick] [--json PATH]``: run every scenario once, print each figure beside
-its baseline as soon as it is measured, then delete the run's vhosts and temp files.
+"""``python -m bench [--quick] [--json PATH]``: run every scenario once (the soak only when named
+with ``--only soak``), print each figure beside its baseline as soon as it is measured, then
+delete the run's vhosts and temp files.
 
 Scenarios run one after another (never two at once, so they do not compete for the CPUs), each
 in a vhost of its own. A scenario that cannot run marks its figures ERROR and the run goes on;
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.agent import run_agent_bench
@@ -29,6 +30,8 @@ from bench.persistence import run_persistence
 from bench.postgres import run_bulk_drain_pg, run_persistence_pg
 from bench.report import HEADER, Figure, Label, render, write_json
 from bench.services import py_spy
+from bench.soak import SERVICES as SOAK_SERVICES
+from bench.soak import run_soak
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,14 @@ class Sizes:
     latency_rate: float
     agent_bans: int = 100_000
     agent_delays: int = 200
+    soak_duration: float = 1800.0
 
 
 FULL = Sizes(50_000, 1000, 100, 3, 200_000, 5_000, 500, 100.0)
-QUICK = Sizes(5_000, 20, 20, 3, 200_000, 2_000, 200, 100.0, agent_bans=10_000, agent_delays=40)
+QUICK = Sizes(
+    5_000, 20, 20, 3, 200_000, 2_000, 200, 100.0, agent_bans=10_000, agent_delays=40,
+    soak_duration=30.0,
+)  # fmt: skip
 
 Runner = Callable[[VhostPool, Path], Awaitable[list[Figure]]]
 
@@ -56,7 +63,7 @@ class Scenario:
     name: str
     keys: tuple[str, ...]
     run: Runner
-    opt_in: bool = False  # runs only when named with --only (needs a PostgreSQL server)
+    opt_in: bool = False  # runs only when named with --only (PostgreSQL; the soak's half hour)
 
 
 def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -> list[Scenario]:
@@ -95,6 +102,10 @@ def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -
         drain = run_bulk_drain_pg(sizes.bulk_messages, vhost, work / "bulk-pg", tail_flush_interval)
         return [await drain]
 
+    async def soak(pool: VhostPool, work: Path) -> list[Figure]:
+        return await run_soak(sizes.soak_duration, pool.new("soak"), work / "soak")
+
+    soak_keys = (*(f"soak_rss_{name}" for name in SOAK_SERVICES), "soak_rows")
     return [
         Scenario("single", ("single_ip_drain",), single),
         Scenario("bulk", ("bulk_drain",), bulk),
@@ -105,6 +116,7 @@ def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -
         Scenario("agent", ("agent_backfill", "agent_ban_delay_p50", "agent_ban_delay_p99"), agent),
         Scenario("persistence-pg", ("persistence_upsert_pg",), persistence_pg, opt_in=True),
         Scenario("bulk-pg", ("bulk_drain_pg",), bulk_pg, opt_in=True),
+        Scenario("soak", soak_keys, soak, opt_in=True),
     ]
 
 
@@ -123,9 +135,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         choices=[
             *("single", "bulk", "persistence", "memory", "ipapi", "latency", "agent"),
-            *("persistence-pg", "bulk-pg"),  # only when named (GEO_BENCH_PG_URL)
+            *("persistence-pg", "bulk-pg", "soak"),  # only when named (PostgreSQL; half an hour)
         ],
-        help="run only this scenario (repeatable)",
+        help="run only this scenario (repeatable); soak, persistence-pg and bulk-pg run only "
+        "when named here",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        metavar="S",
+        help="seconds of load in the soak (default 1800, or 30 with --quick)",
     )
     parser.add_argument(
         "--tail-flush-interval",
@@ -147,18 +166,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.profile and args.workdir is None:
         parser.error("--profile writes its flame graphs into --workdir: give one")
+    if args.duration is not None and args.duration <= 0:
+        parser.error("--duration must be a positive number of seconds")
     if args.profile and py_spy() is None:
         parser.error("--profile needs py-spy (pip install py-spy, or the [test] extra)")
     return args
 
 
-WORK_DIRS = ("single", "bulk", "sqlite", "ipapi", "latency", "agent", "bulk-pg")
+WORK_DIRS = ("single", "bulk", "sqlite", "ipapi", "latency", "agent", "bulk-pg", "soak")
 
 
 async def run(args: argparse.Namespace, work: Path) -> int:
     started = time.monotonic()
     admin = admin_from_env()
     sizes = QUICK if args.quick else FULL
+    if args.duration is not None:
+        sizes = replace(sizes, soak_duration=args.duration)
     header = {
         "mode": "quick" if args.quick else "full",
         **describe(broker_version(admin)),
@@ -176,7 +199,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
     chosen = [
         s
         for s in scenarios(sizes, args.tail_flush_interval, args.profile)
-        if s.name in (args.only or []) or (not args.only and not s.opt_in)
+        if (s.name in args.only if args.only else not s.opt_in)
     ]
     figures: list[Figure] = []
     try:

@@ -10,14 +10,25 @@ import os
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
+
+from shared.redaction import redact, redact_url
 
 KNOWN_PROVIDERS = frozenset({"embedded", "ip-api", "mmdb"})
 # A comma separates two broker URLs only where the next one begins (a scheme and ://), so a comma
 # inside a password, which a URL allows unencoded, keeps a single URL whole.
 _NEXT_URL = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
+# What a URL's user name and password may hold unencoded (RFC 3986 userinfo, plus the "@" that
+# urlsplit and aio-pika already read as part of the password, as they do today).
+_USERINFO = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=:@]*")
+PERCENT_ENCODING_HINT = (
+    "percent-encode reserved characters in the user name and password "
+    "(/ as %2F, # as %23, ? as %3F, % as %25, a space as %20)"
+)
 
 
 def split_amqp_urls(value: str) -> tuple[str, ...]:
@@ -26,7 +37,38 @@ def split_amqp_urls(value: str) -> tuple[str, ...]:
 
 
 class SettingsError(Exception):
-    """A ``GEO_*`` variable has a value the services cannot run with."""
+    """A ``GEO_*`` variable has a value the services cannot run with; the message is printed as
+    is, so any credential in it is masked here."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be read as the broker URL it was meant to be, or None when it can.
+
+    A password with an unencoded ``/``, ``?`` or ``#`` ends the host part early: the rest turns
+    into a port that is no number, or into a path, query or fragment holding the ``@``. The
+    reasons never quote the URL (they are printed; the caller shows it redacted).
+    """
+    if re.search(r"\s", url):
+        return "it contains white space"
+    authority_and_rest = url.partition("://")[2]
+    authority = re.split(r"[/?#]", authority_and_rest, maxsplit=1)[0]
+    if "@" in authority_and_rest[len(authority) :]:
+        return "an unencoded /, ? or # in the user name or password ends the host part early"
+    userinfo, at, _ = authority.rpartition("@")
+    if at and not _USERINFO.fullmatch(userinfo):
+        return "the user name or password holds a character that must be percent-encoded"
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (reading it is the check: urlsplit parses the port lazily)
+        host = URL(url).host  # what aio-pika reads the URL with
+    except ValueError:
+        return "the port is not a number from 0 to 65535"
+    if not parts.hostname or not host:
+        return "it names no host"
+    return None
 
 
 class Settings(BaseSettings):
@@ -98,13 +140,20 @@ class Settings(BaseSettings):
 
     @field_validator("amqp_url")
     @classmethod
-    def _amqp_scheme(cls, value: str) -> str:
+    def _amqp_urls(cls, value: str) -> str:
         urls = split_amqp_urls(value)
         bad = [url for url in urls if not url.startswith(("amqp://", "amqps://"))]
         if len(urls) == 1 and bad:
             raise ValueError("must start with amqp:// or amqps://")
         if bad:
             raise ValueError("each URL of the list must start with amqp:// or amqps://")
+        for index, url in enumerate(urls):
+            problem = url_problem(url)
+            if problem is not None:
+                which = "" if len(urls) == 1 else f" (URL {index + 1} of the list)"
+                raise ValueError(
+                    f"cannot be parsed as a URL{which}: {problem}; {PERCENT_ENCODING_HINT}"
+                )
         return value
 
     @field_validator("provider")
@@ -181,5 +230,7 @@ def load_settings() -> Settings:
         message = error["msg"].removeprefix("Value error, ")
         if not error["loc"]:  # a rule across variables names its variable itself
             raise SettingsError(message) from None
-        variable = f"GEO_{str(error['loc'][0]).upper()}"
-        raise SettingsError(f"{variable}: {message} (got {error.get('input')!r})") from None
+        field = str(error["loc"][0])
+        value = error.get("input")
+        shown = repr(redact_url(value) if isinstance(value, str) else value)
+        raise SettingsError(f"GEO_{field.upper()}: {message} (got {shown})") from None

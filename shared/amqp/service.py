@@ -28,7 +28,6 @@ from aio_pika.exceptions import (
     AMQPConnectionError,
     ChannelInvalidStateError,
 )
-from aiormq.exceptions import ChannelLockedResource
 from pydantic import BaseModel
 
 from shared import topology
@@ -41,6 +40,7 @@ from shared.amqp.connection import (
     open_channel,
 )
 from shared.amqp.keeper import TopologyKeeper, keep_topology, own_bindings
+from shared.amqp.lock import LeaderLock
 from shared.deadletters import dead_letter_headers
 from shared.decode import decode
 from shared.errors import Rejected, ServiceFault, TopologyLost, Transient
@@ -455,6 +455,7 @@ class Amqp:
     fault: str | None = None  # the topology was lost for good: the service stops on it
     _channels: list[AbstractChannel] = field(default_factory=list)
     _keeping: asyncio.Task[None] | None = None
+    _leader_lock: LeaderLock = field(default_factory=LeaderLock)
 
     @classmethod
     async def open(cls, settings: Settings, *, service: str, stop: asyncio.Event) -> Amqp:
@@ -609,16 +610,10 @@ class Amqp:
 
         The queue is not part of the robust channel's restore: after a reconnect another timer
         may hold it, and a failing restore would fail every reconnect attempt. The holder calls
-        this again instead, and steps down on False.
+        this again instead, and steps down on False. ``LeaderLock`` says why the attempts use a
+        channel of their own, kept across checks.
         """
-        channel = await self.connection.channel()
-        try:
-            await channel.declare_queue(lock_name, exclusive=True, durable=False, robust=False)
-        except ChannelLockedResource:
-            return False
-        finally:  # the queue belongs to the connection, not to this channel
-            await close_quietly(channel)
-        return True
+        return await self._leader_lock.attempt(self.connection, lock_name)
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time the robust connection has been restored."""
@@ -635,6 +630,8 @@ class Amqp:
             self._keeping.cancel()
             await asyncio.gather(self._keeping, return_exceptions=True)
         await self.publisher.close()
+        with suppress(Exception):  # best effort, as for the channels: the connection goes next
+            await self._leader_lock.close()
         for channel in reversed([self.channel, *self._channels]):
             await close_quietly(channel)
         await self.connection.close()
