@@ -20,7 +20,6 @@ from aio_pika.abc import (
 )
 from aio_pika.connection import make_url
 from aio_pika.exceptions import (
-    AMQPConnectionError,
     AMQPError,
     ProbableAuthenticationError,
 )
@@ -33,6 +32,7 @@ from shared.settings import split_amqp_urls
 log = structlog.get_logger("shared.amqp")
 
 CONNECT_ATTEMPTS = 30
+VHOST_ATTEMPTS = 8  # about 10 s of a vhost refused at open before it counts as a bad setting
 CONNECT_DELAY_MAX = 2.0
 
 
@@ -57,12 +57,23 @@ async def connect(
                 connection = await aio_pika.connect_robust(
                     candidate, timeout=10, client_properties=properties
                 )
-            except (ProbableAuthenticationError, InvalidFrameError) as exc:
-                # A wrong password or vhost does not pass with time: say so now, not after
-                # thirty attempts. (Once running, the robust connection retries anything.)
+            except ProbableAuthenticationError as exc:
+                # A wrong password does not pass with time: say so now, not after thirty
+                # attempts. (Once running, the robust connection retries anything.)
                 refusals.append(f"{_refused(exc, candidate)} at {_endpoint(candidate)}")
                 continue
-            except (TimeoutError, AMQPConnectionError, OSError) as exc:
+            except InvalidFrameError as exc:
+                # Connection.Close for Connection.Open: no such vhost, or no right to it; or a
+                # cluster node that has just joined and not started the vhost yet. Retried for a
+                # while, then final.
+                if attempt >= VHOST_ATTEMPTS:
+                    refusals.append(f"{_refused(exc, candidate)} at {_endpoint(candidate)}")
+                else:
+                    errors.append(f"{_endpoint(candidate)}: {_refused(exc, candidate)}")
+                continue
+            # AMQPError, not only AMQPConnectionError: whatever else a node says while it is not
+            # ready is a node not ready yet, like a refused port.
+            except (TimeoutError, AMQPError, OSError) as exc:
                 if attempt == attempts and index == len(urls) - 1 and not refusals:
                     raise
                 error = str(exc) or repr(exc)
