@@ -71,8 +71,14 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+MIN_INTERVAL = 0.05  # seconds: twenty commands a second at most
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GEO_", extra="ignore", frozen=True)
+    # No inf or nan anywhere: GEO_FLUSH_INTERVAL=inf would never flush (and log "Infinity").
+    model_config = SettingsConfigDict(
+        env_prefix="GEO_", extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     amqp_url: str = Field(
         default="amqp://guest:guest@localhost:5672/",
@@ -87,9 +93,16 @@ class Settings(BaseSettings):
         default=None,
         description="postgresql:// URL: geo_cache in PostgreSQL instead of GEO_DB_PATH.",
     )
-    flush_interval: float = Field(default=60.0, gt=0, description="Seconds between geo.flush.")
+    # Bounded both ways: 0.001 s would be a thousand commands a second, and a day is past any
+    # sensible cadence (the broker's consumer_timeout ends a delivery held 30 min).
+    flush_interval: float = Field(
+        default=60.0, ge=MIN_INTERVAL, le=86_400, description="Seconds between geo.flush."
+    )
     re_resolve_interval: float = Field(
-        default=600.0, gt=0, description="Seconds between geo.re_resolve."
+        default=600.0,
+        ge=MIN_INTERVAL,
+        le=7 * 86_400,
+        description="Seconds between geo.re_resolve.",
     )
     provider: str = Field(
         default="embedded",

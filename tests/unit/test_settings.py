@@ -53,8 +53,8 @@ def test_variables_are_read_with_the_geo_prefix(monkeypatch: pytest.MonkeyPatch)
     ("variable", "value", "says"),
     [
         ("GEO_FLUSH_INTERVAL", "soon", "valid number"),
-        ("GEO_FLUSH_INTERVAL", "0", "greater than 0"),
-        ("GEO_RE_RESOLVE_INTERVAL", "-5", "greater than 0"),
+        ("GEO_FLUSH_INTERVAL", "0", "greater than or equal to 0.05"),
+        ("GEO_RE_RESOLVE_INTERVAL", "-5", "greater than or equal to 0.05"),
         ("GEO_AMQP_URL", "http://localhost:5672/", "must start with amqp://"),
         ("GEO_AMQP_URL", "amqp://a:5672/,http://b:5672/", "each URL of the list must start"),
         ("GEO_PROVIDER", "maxmind", "unknown provider maxmind"),
@@ -145,3 +145,32 @@ def test_a_comma_inside_a_single_url_does_not_split_it() -> None:
         "amqp://geo:a,b@x/v",
         "amqp://geo:c,d@y/v",
     )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("GEO_FLUSH_INTERVAL", "inf", "Input should be a finite number"),
+        ("GEO_FLUSH_INTERVAL", "nan", "Input should be a finite number"),
+        ("GEO_FLUSH_INTERVAL", "0.001", "greater than or equal to 0.05"),
+        ("GEO_FLUSH_INTERVAL", "100000", "less than or equal to 86400"),
+        ("GEO_RE_RESOLVE_INTERVAL", "0", "greater than or equal to 0.05"),
+        ("GEO_RE_RESOLVE_INTERVAL", "1e9", "less than or equal to 604800"),
+        ("GEO_NEGATIVE_TTL", "inf", "Input should be a finite number"),
+    ],
+)
+def test_intervals_are_finite_and_bounded(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value).startswith(f"{variable}: ")
+    assert says in str(caught.value)
+
+
+def test_the_bounds_themselves_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEO_FLUSH_INTERVAL", "0.05")
+    monkeypatch.setenv("GEO_RE_RESOLVE_INTERVAL", "604800")
+    settings = load_settings()
+    assert (settings.flush_interval, settings.re_resolve_interval) == (0.05, 604800.0)
