@@ -33,5 +33,10 @@ EXPOSE 9100
 
 USER bangui:bangui
 
+# Healthy while the service is connected to the broker (/health answers 200); the slim image has
+# no curl, so Python asks. docker-compose.yml repeats it with the same command.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9100/health', timeout=3)"]
+
 # Exec form: python is PID 1 and gets SIGTERM itself, for the graceful drain (GEO_DRAIN_TIMEOUT).
 CMD ["python", "-m", "services.resolver"]
