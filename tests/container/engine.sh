@@ -251,8 +251,15 @@ ensure_base_images() {
 # testcontainers against this engine: Ryuk (the reaper, pulled from a registry) only where one
 # answers; the broker container is reached through its mapped port on this host.
 testcontainers_env() {
-  if [ "${LANE_STANDINS:-0}" = 1 ] && ! docker image inspect testcontainers/ryuk:0.8.1 >/dev/null 2>&1; then
+  local ryuk="${RYUK_CONTAINER_IMAGE:-testcontainers/ryuk:0.8.1}"
+  if [ -z "${TESTCONTAINERS_RYUK_DISABLED:-}" ] && ! docker image inspect "$ryuk" >/dev/null 2>&1 \
+      && ! timeout 60 docker pull -q "$ryuk" >/dev/null 2>&1; then
     export TESTCONTAINERS_RYUK_DISABLED=true
-    echo "no registry: Ryuk disabled (the lane removes every container it leaves)"
+    echo "$ryuk cannot be pulled: Ryuk disabled (the lane removes the containers it leaves)"
   fi
+  # The engine is on this machine: its published ports are on this loopback. (testcontainers
+  # takes a machine with /.dockerenv for a container and would use the bridge gateway.)
+  case "${DOCKER_HOST:-unix://}" in
+    unix://*) export TESTCONTAINERS_HOST_OVERRIDE="${TESTCONTAINERS_HOST_OVERRIDE:-127.0.0.1}" ;;
+  esac
 }

@@ -114,8 +114,11 @@ exec "$@"
 EOF
     chmod +x "$ROOT/usr/local/bin/docker-entrypoint.sh"
     rm -rf "$ROOT/var/lib/rabbitmq/mnesia" "$ROOT/var/lib/rabbitmq/.erlang.cookie"
+    # As the official image, which says its version in RABBITMQ_VERSION.
+    version="$(in_root dpkg-query -W -f '${Version}' rabbitmq-server | cut -d- -f1)"
     changes+=(--change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
               --change 'ENV LANG=C.UTF-8'
+              --change "ENV RABBITMQ_VERSION=$version"
               --change 'VOLUME /var/lib/rabbitmq'
               --change 'EXPOSE 4369 5671 5672 15671 15672 15692 25672'
               --change 'ENTRYPOINT ["docker-entrypoint.sh"]'
