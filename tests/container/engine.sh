@@ -224,7 +224,7 @@ ensure_compose() {
 
 # A real image where a registry answers; a stand-in built offline where none does.
 ensure_base_images() {
-  local image
+  local image missing=()
   LANE_STANDINS=0
   for image in "${BASE_IMAGES[@]}"; do
     if docker image inspect "$image" >/dev/null 2>&1; then
@@ -236,11 +236,27 @@ ensure_base_images() {
       continue
     fi
     echo "$image: no registry answers; building a stand-in"
-    LANE_FAIL_LOG="$LANE_LOG/standin.log"
-    bash "$REPO_ROOT/tests/container/standin.sh" "$image" >"$LANE_FAIL_LOG" 2>&1 \
-      || lane_fail "building the stand-in for $image failed"
-    LANE_FAIL_LOG=""
+    missing+=("$image")
   done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    mkdir -p "$LANE_LOG"
+    LANE_FAIL_LOG="$LANE_LOG/standin-base.log"
+    bash "$REPO_ROOT/tests/container/standin.sh" base >"$LANE_FAIL_LOG" 2>&1 \
+      || lane_fail "debootstrap of the stand-ins' Debian root failed"
+    # Both stand-ins at once: most of the time is dpkg, one core each.
+    local pids=() i
+    for image in "${missing[@]}"; do
+      bash "$REPO_ROOT/tests/container/standin.sh" "$image" \
+        >"$LANE_LOG/standin-${image%%:*}.log" 2>&1 &
+      pids+=("$!")
+    done
+    for i in "${!missing[@]}"; do
+      LANE_FAIL_LOG="$LANE_LOG/standin-${missing[$i]%%:*}.log"
+      wait "${pids[$i]}" || lane_fail "building the stand-in for ${missing[$i]} failed"
+      echo "${missing[$i]}: stand-in built"
+    done
+    LANE_FAIL_LOG=""
+  fi
   for image in "${BASE_IMAGES[@]}"; do
     if [ -n "$(docker image inspect -f '{{index .Config.Labels "org.bangui-geo.standin"}}' "$image")" ]; then
       LANE_STANDINS=1

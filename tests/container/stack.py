@@ -176,12 +176,12 @@ class Stack:
             timeout=120,
         )
 
-    def rows(self) -> int:
-        """The rows of geo_cache in the persistence volume, read by `bangui-geo stats` in a
-        container of the persistence service."""
-        result = self.compose(
-            "run", "--rm", "--no-deps", "-T", "persistence", "bangui-geo", "stats", check=False
-        )
+    def rows(self, fresh: bool = True) -> int:
+        """The rows of geo_cache in the persistence volume, read by `bangui-geo stats` in a new
+        container of the persistence service (``fresh``), or in the running one (faster, for
+        polling)."""
+        where = ("run", "--rm", "--no-deps") if fresh else ("exec",)
+        result = self.compose(*where, "-T", "persistence", "bangui-geo", "stats", check=False)
         if result.returncode != 0 and "does not exist" in result.stderr:
             return 0  # persistence creates the file with its first batch
         if result.returncode != 0:

@@ -4,6 +4,7 @@
 #   tests/container/standin.sh python:3.11-slim        # Debian's python3 (3.11) and pip
 #   tests/container/standin.sh rabbitmq:3-management   # Debian's rabbitmq-server, management
 #                                                      # and prometheus plugins
+#   tests/container/standin.sh base                    # only the cached minbase root
 #
 # A minbase bookworm root (debootstrap, from the mirror apt uses; cached in $LANE_CACHE) gets the
 # packages in a chroot, the host's extra CA certificates (a TLS-intercepting proxy's, so pip
@@ -31,9 +32,10 @@ if [ ! -f "$BASE/.complete" ]; then
   debootstrap --variant=minbase bookworm "$BASE" "$(mirror)"
   touch "$BASE/.complete"
 fi
+[ "$IMAGE" = base ] && exit 0  # only the cached root (scripts/container-lane builds it first)
 
 ROOT="$(mktemp -d "$LANE_CACHE/root.XXXXXX")"
-trap 'umount "$ROOT/proc" 2>/dev/null || true; rm -rf "$ROOT"' EXIT
+trap 'umount "$ROOT/var/cache/apt/archives" "$ROOT/proc" 2>/dev/null || true; rm -rf "$ROOT"' EXIT
 cp -a "$BASE/." "$ROOT/"
 rm -f "$ROOT/.complete"
 cp /etc/apt/sources.list "$ROOT/etc/apt/sources.list" 2>/dev/null || true
@@ -44,6 +46,9 @@ fi
 printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
 chmod +x "$ROOT/usr/sbin/policy-rc.d"
 mount -t proc proc "$ROOT/proc"
+# The .deb files are kept for the next stand-in build on this machine.
+mkdir -p "$LANE_CACHE/apt-archives/partial"
+mount --bind "$LANE_CACHE/apt-archives" "$ROOT/var/cache/apt/archives"
 
 in_root() { chroot "$ROOT" env DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
 
@@ -126,9 +131,8 @@ EOF
     ;;
 esac
 
-in_root apt-get clean
+umount "$ROOT/var/cache/apt/archives" "$ROOT/proc"
 rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT/usr/sbin/policy-rc.d"
-umount "$ROOT/proc"
 tar -C "$ROOT" --numeric-owner -c . \
   | docker import "${changes[@]}" --change "LABEL org.bangui-geo.standin=\"$label\"" - "$IMAGE"
 echo "built stand-in $IMAGE"
