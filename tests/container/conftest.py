@@ -3,6 +3,8 @@ lands in seconds) and the figures the lane prints at the end."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,10 @@ def lane_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not FIGURES:
         return
+    if out := os.environ.get("GEO_LANE_FIGURES"):  # scripts/container-lane's summary
+        with open(out, "a") as figures:
+            for stack, values in FIGURES.items():
+                figures.write(json.dumps({"stack": stack, **values}) + "\n")
     terminalreporter.section("container lane figures")
     for stack, figures in FIGURES.items():
         line = ", ".join(f"{key} {value}" for key, value in figures.items())

@@ -29,9 +29,9 @@ from tests.integration.test_least_privilege import consuming, outcome, publishin
 
 DEFINITIONS = json.loads((REPO / "deploy" / "rabbitmq" / "definitions.json").read_text())
 IPS = 5_000
-CHUNKS = 10
-# After which chunk of the stream each fault happens.
-FAULTS = {1: "resolver", 3: "timer", 5: "persistence", 7: "rabbitmq"}
+CHUNKS = 5
+# After which chunk of the stream each fault happens: each with IPs before and after it.
+FAULTS = {0: "resolver", 1: "timer", 2: "persistence", 3: "rabbitmq"}
 PUBLISHER_URL = f"amqp://bangui-publisher:{PUBLISHER_PASSWORD}@rabbitmq:5672/bangui"
 
 

@@ -25,7 +25,7 @@ from tests.container.stack import (
 )
 
 IPS = 5_000
-CHUNKS = 5
+CHUNKS = 4
 NODES = ("rabbitmq-a", "rabbitmq-b", "rabbitmq-c")
 DURABLE = (
     "geo.resolver.ip_seen",
@@ -141,8 +141,6 @@ def test_stream_loses_nothing_while_a_node_is_stopped(cluster: Stack) -> None:
         "lost": IPS - rows[0],
     }
     assert rows[0] == IPS, f"lost {IPS - rows[0]} of {IPS}"
-    cluster.compose("start", "rabbitmq-a", timeout=120)
-    cluster.wait_healthy("rabbitmq-a", timeout=180)
 
 
 def test_down_v_leaves_nothing_behind(cluster: Stack) -> None:
