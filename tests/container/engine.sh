@@ -66,8 +66,8 @@ ensure_engine() {
     lane_fail "no Docker engine answers and this is not root with apt-get to install one"
   fi
   if ! command -v dockerd >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1 \
-      || ! command -v debootstrap >/dev/null 2>&1; then
-    echo "installing docker.io, iptables, debootstrap (apt-get)"
+      || ! command -v debootstrap >/dev/null 2>&1 || ! command -v nft >/dev/null 2>&1; then
+    echo "installing docker.io, iptables, nftables, debootstrap (apt-get)"
     mkdir -p "$LANE_LOG"
     LANE_FAIL_LOG="$LANE_LOG/apt.log"
     # The package's postinst would start a dockerd of its own on the default socket: refuse that.
@@ -80,9 +80,9 @@ ensure_engine() {
     local ok=1
     { apt-get update -qq \
       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-           docker.io iptables debootstrap; } >"$LANE_FAIL_LOG" 2>&1 || ok=0
+           docker.io iptables nftables debootstrap; } >"$LANE_FAIL_LOG" 2>&1 || ok=0
     [ "$policy_added" = 1 ] && rm -f /usr/sbin/policy-rc.d
-    [ "$ok" = 1 ] || lane_fail "apt-get install docker.io iptables debootstrap failed"
+    [ "$ok" = 1 ] || lane_fail "apt-get install docker.io iptables nftables debootstrap failed"
   fi
   lane_snapshot_host
   mkdir -p "$LANE_RUN" "$LANE_STATE" "$LANE_LOG"
@@ -115,6 +115,7 @@ ensure_engine() {
 # What the engine may change, as it was before the lane's dockerd started.
 lane_snapshot_host() {
   LANE_IP_FORWARD="$(cat /proc/sys/net/ipv4/ip_forward)"
+  LANE_TABLES_BEFORE="$(iptables-save 2>/dev/null | awk '/^\*/ {print substr($1, 2)}')"
   LANE_FORWARD_POLICY="$(iptables -S FORWARD 2>/dev/null | awk '$1 == "-P" {print $3}')"
   LANE_FORWARD_POLICY="${LANE_FORWARD_POLICY:-ACCEPT}"
   LANE_LINKS_BEFORE="$(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | sort)"
@@ -154,6 +155,15 @@ lane_clean_iptables() {
     done
   done
   iptables -P FORWARD "${LANE_FORWARD_POLICY:-ACCEPT}" 2>/dev/null || true
+  # Tables the engine brought into being go too, once empty: a nat table alone turns on
+  # connection tracking for all traffic, loopback included.
+  if command -v nft >/dev/null 2>&1 && [ -n "${LANE_TABLES_BEFORE+set}" ]; then
+    for table in filter nat; do
+      grep -qx "$table" <<<"$LANE_TABLES_BEFORE" && continue
+      iptables -t "$table" -S 2>/dev/null | grep -q '^-A' && continue
+      nft delete table ip "$table" 2>/dev/null || true
+    done
+  fi
 }
 
 lane_clean_links() {
