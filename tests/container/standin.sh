@@ -46,9 +46,11 @@ fi
 printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
 chmod +x "$ROOT/usr/sbin/policy-rc.d"
 mount -t proc proc "$ROOT/proc"
-# The .deb files are kept for the next stand-in build on this machine.
-mkdir -p "$LANE_CACHE/apt-archives/partial"
-mount --bind "$LANE_CACHE/apt-archives" "$ROOT/var/cache/apt/archives"
+# The .deb files are kept for the next build of this stand-in (one folder per image: apt locks
+# it, and the two stand-ins are built at once).
+ARCHIVES="$LANE_CACHE/apt-archives/${IMAGE%%:*}"
+mkdir -p "$ARCHIVES/partial"
+mount --bind "$ARCHIVES" "$ROOT/var/cache/apt/archives"
 
 in_root() { chroot "$ROOT" env DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
 
