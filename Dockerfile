@@ -21,7 +21,12 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared/ shared/
 COPY services/ services/
-RUN pip install . \
+# Behind a TLS-intercepting proxy pip needs that proxy's CA: pass a CA bundle as the build secret
+# `build_ca` (docker-compose.yml: BUILD_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt). It is
+# mounted for this step only and is not in the image; without it pip uses its own bundle.
+RUN --mount=type=secret,id=build_ca \
+    if [ -s /run/secrets/build_ca ]; then export PIP_CERT=/run/secrets/build_ca; fi \
+    && pip install . \
     && rm -rf build ./*.egg-info
 
 # docker-compose.yml mounts a named volume on /data; a new volume takes this directory's owner.

@@ -148,9 +148,9 @@ def _local_engine() -> bool:
 def _container_host(reported: str, port: int) -> str:
     """Where to reach a published port. testcontainers takes a machine with ``/.dockerenv`` for
     a container and hands out the bridge gateway; on a machine that only looks like one (the
-    engine's ports are on this loopback), 127.0.0.1 is the address. An explicit
-    ``TESTCONTAINERS_HOST_OVERRIDE`` is testcontainers' own answer and wins."""
-    if os.environ.get("TESTCONTAINERS_HOST_OVERRIDE") or os.environ.get("TC_HOST"):
+    engine's ports are on this loopback), 127.0.0.1 is the address. A connection mode the user
+    chose (``TESTCONTAINERS_CONNECTION_MODE``) is testcontainers' own answer and wins."""
+    if os.environ.get("TESTCONTAINERS_CONNECTION_MODE"):
         return reported
     loopback = ("localhost", "127.0.0.1")
     if reported not in loopback and _local_engine() and _answers("127.0.0.1", port):

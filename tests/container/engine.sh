@@ -284,8 +284,12 @@ testcontainers_env() {
     echo "$ryuk cannot be pulled: Ryuk disabled (the lane removes the containers it leaves)"
   fi
   # The engine is on this machine: its published ports are on this loopback. (testcontainers
-  # takes a machine with /.dockerenv for a container and would use the bridge gateway.)
+  # takes a machine with /.dockerenv for a container and would use the bridge gateway, whatever
+  # TESTCONTAINERS_HOST_OVERRIDE says, unless the connection mode is docker_host.)
   case "${DOCKER_HOST:-unix://}" in
-    unix://*) export TESTCONTAINERS_HOST_OVERRIDE="${TESTCONTAINERS_HOST_OVERRIDE:-127.0.0.1}" ;;
+    unix://*)
+      export TESTCONTAINERS_CONNECTION_MODE="${TESTCONTAINERS_CONNECTION_MODE:-docker_host}"
+      export TESTCONTAINERS_HOST_OVERRIDE="${TESTCONTAINERS_HOST_OVERRIDE:-127.0.0.1}"
+      ;;
   esac
 }
