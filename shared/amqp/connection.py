@@ -20,7 +20,6 @@ from aio_pika.abc import (
 )
 from aio_pika.connection import make_url
 from aio_pika.exceptions import (
-    AMQPConnectionError,
     AMQPError,
     ProbableAuthenticationError,
 )
@@ -56,7 +55,10 @@ async def connect(
                 connection = await aio_pika.connect_robust(
                     candidate, timeout=10, client_properties=properties
                 )
-            except (TimeoutError, AMQPConnectionError, OSError) as exc:
+            # AMQPError, not only AMQPConnectionError: a cluster node that has just joined closes
+            # the handshake (Connection.Close for Connection.Open, aiormq's InvalidFrameError)
+            # until it has started the vhost; that is a node not ready yet, like a refused port.
+            except (TimeoutError, AMQPError, OSError) as exc:
                 if attempt == attempts and index == len(urls) - 1:
                     raise
                 error = str(exc) or repr(exc)
