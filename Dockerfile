@@ -22,7 +22,12 @@ COPY pyproject.toml README.md ./
 COPY bangui_geo/ bangui_geo/
 COPY shared/ shared/
 COPY services/ services/
-RUN pip install ".[postgres]" \
+# Behind a TLS-intercepting proxy pip needs that proxy's CA: pass a CA bundle as the build secret
+# `build_ca` (docker-compose.yml: BUILD_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt). It is
+# mounted for this step only and is not in the image; without it pip uses its own bundle.
+RUN --mount=type=secret,id=build_ca \
+    if [ -s /run/secrets/build_ca ]; then export PIP_CERT=/run/secrets/build_ca; fi \
+    && pip install ".[postgres]" \
     && rm -rf build ./*.egg-info
 
 # docker-compose.yml mounts a named volume on /data; a new volume takes this directory's owner.
@@ -33,6 +38,11 @@ ENV GEO_METRICS_PORT=9100 \
 EXPOSE 9100
 
 USER bangui:bangui
+
+# Healthy while the service is connected to the broker (/health answers 200); the slim image has
+# no curl, so Python asks. docker-compose.yml repeats it with the same command.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9100/health', timeout=3)"]
 
 # Exec form: python is PID 1 and gets SIGTERM itself, for the graceful drain (GEO_DRAIN_TIMEOUT).
 CMD ["python", "-m", "services.resolver"]

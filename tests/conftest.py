@@ -6,10 +6,29 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
 from tests.broker import BrokerAdmin, BrokerUnavailable, start_broker
+
+CONTAINER_TESTS = Path(__file__).parent / "container"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--container-lane",
+        action="store_true",
+        help="collect tests/container (docker compose end to end; scripts/container-lane)",
+    )
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/container needs a Docker engine and takes minutes: only scripts/container-lane
+    (``--container-lane``) runs it; the main suite never collects it."""
+    if collection_path == CONTAINER_TESTS and not config.getoption("--container-lane"):
+        return True
+    return None
 
 
 @pytest.fixture(scope="session")

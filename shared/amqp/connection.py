@@ -32,7 +32,7 @@ from shared.settings import split_amqp_urls
 log = structlog.get_logger("shared.amqp")
 
 CONNECT_ATTEMPTS = 30
-VHOST_ATTEMPTS = 8  # about 10 s of a vhost refused at open before it counts as a bad setting
+VHOST_ATTEMPTS = 12  # about 20 s of a vhost refused at open before it counts as a bad setting
 CONNECT_DELAY_MAX = 2.0
 
 
