@@ -69,10 +69,16 @@ class TopologyKeeper:
             for name in EXCHANGES:
                 active = _exchange(name, passive=False)
                 await self._ensure("exchange", name, active, _exchange(name))
+            bindings = self._bindings()
             for spec in (*topology.WORK_QUEUES, topology.DEAD_LETTER):
                 active = _queue(spec.name, spec.declare_arguments(self.queue_type))
                 await self._ensure("queue", spec.name, active, _queue(spec.name, None))
-            for binding in self._bindings():
+                # Bound at once, as a queue always was: a publisher that sees the queue exist
+                # must not find it unbound (its message would be unroutable and dropped).
+                for binding in [b for b in bindings if b.queue == spec.name]:
+                    await self._bind(binding)
+            declared = {spec.name for spec in (*topology.WORK_QUEUES, topology.DEAD_LETTER)}
+            for binding in [b for b in bindings if b.queue not in declared]:
                 await self._bind(binding)
         finally:
             await self._close()

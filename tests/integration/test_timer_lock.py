@@ -26,8 +26,8 @@ MAX_BYTES_PER_ATTEMPT = 500
 @pytest.fixture
 async def two_timers(amqp_url: str) -> AsyncIterator[tuple[Amqp, Amqp]]:
     settings = Settings(amqp_url=amqp_url)
-    leader = await Amqp.open(settings, service="timer")
-    standby = await Amqp.open(settings, service="timer")
+    leader = await Amqp.open(settings, service="timer", stop=asyncio.Event())
+    standby = await Amqp.open(settings, service="timer", stop=asyncio.Event())
     try:
         yield leader, standby
     finally:
