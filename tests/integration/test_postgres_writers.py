@@ -33,7 +33,7 @@ from tests.postgres import read_rows
 
 pytestmark = pytest.mark.integration
 
-T0 = datetime(2027, 3, 1, tzinfo=UTC)
+T0 = datetime(2026, 3, 1, tzinfo=UTC)  # in the past: persistence refuses future rows
 COUNTRIES = [("US", "United States"), ("DE", "Germany"), ("FR", "France"), ("JP", "Japan")]
 IPS = 20_000
 BATCH = 1000
