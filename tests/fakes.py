@@ -128,3 +128,10 @@ class InMemoryGeoRepository:
             for ip, row in self.rows.items()
             if row.country_code is None and row.resolution is Resolution.FAILED
         ]
+
+    async def known_rows(self, ips: Sequence[str]) -> list[GeoRow]:
+        return [
+            row
+            for ip in dict.fromkeys(ips)
+            if (row := self.rows.get(ip)) is not None and row.resolution is not Resolution.FAILED
+        ]

@@ -8,6 +8,7 @@ the model, because the check needs the clock.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from shared.messages import (
     MAX_IPS_PER_MESSAGE,
     GeoRow,
     GeoUpsertBatch,
+    KnownQuery,
     ReResolveStale,
     RetryUnresolved,
     iso_utc_from_epoch,
@@ -36,6 +38,8 @@ class PersistenceState:
     batches: int = 0
     rows: int = 0
     retries_requested: int = 0
+    known_asked: int = 0
+    known_answered: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,18 @@ async def on_re_resolve(cmd: ReResolveStale, deps: PersistenceDeps) -> None:
         retried=len(ips),
         batches=len(batches),
     )
+
+
+async def on_known(cmd: KnownQuery, deps: PersistenceDeps) -> bytes:
+    """Answer the resolver's "which of these do you know?" with the final rows among them."""
+    try:
+        rows = await deps.repository.known_rows(cmd.ips)
+    except DatabaseReplaced as exc:
+        raise Transient(str(exc)) from exc
+    deps.state.known_asked += len(cmd.ips)
+    deps.state.known_answered += len(rows)
+    deps.log.debug("geo_known_answered", asked=len(cmd.ips), known=len(rows))
+    return b'{"rows":%s}' % json.dumps(rows, separators=(",", ":")).encode()
 
 
 def _retryable(stored: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ import structlog
 
 from services.resolver.cache import DirtyEntry, GeoCache
 from services.resolver.geo import FAILED, NOT_GLOBAL, Geo
+from services.resolver.known import KnownBatcher, known_answers
 from services.resolver.lookup import GeoLookup
 from shared import topology
 from shared.ipnorm import is_routable
@@ -45,6 +46,9 @@ class ResolverState:
     flushes: int = 0
     rows_flushed: int = 0
     lookups: int = 0
+    lookup_requests: int = 0
+    lookups_pending: int = 0
+    lookups_running: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class ResolverDeps:
     hold_limit: int
     flush_max_dirty: int
     announce_resolved: bool = True
+    known: KnownBatcher | None = None  # asks persistence what geo_cache knows, before providers
     state: ResolverState = field(default_factory=ResolverState)
     log: structlog.typing.FilteringBoundLogger = field(
         default_factory=lambda: structlog.get_logger("resolver")
@@ -66,8 +71,21 @@ class ResolverDeps:
 async def on_ip_seen(event: IpSeen, ticket: Ticket, deps: ResolverDeps) -> None:
     await _wait_for_room(deps)
     ips = event.addresses
-    await _resolve(deps.cache.missing(ips, deps.clock()), deps)
+    await _resolve(await not_known(deps.cache.missing(ips, deps.clock()), deps), deps)
     await _hold_or_ack(ips, ticket, deps)
+
+
+async def not_known(misses: list[str], deps: ResolverDeps) -> list[str]:
+    """The misses geo_cache holds no final answer for; the known ones go into the cache as
+    already persisted (not dirty), so they cost no lookup and no row rewrite."""
+    if deps.known is None or not misses:
+        return misses
+    rows = await deps.known.rows(misses)
+    if not rows:
+        return misses
+    deps.cache.put_known(known_answers(rows))
+    found = {row.ip for row in rows}
+    return [ip for ip in misses if ip not in found]
 
 
 async def on_retry_unresolved(cmd: RetryUnresolved, ticket: Ticket, deps: ResolverDeps) -> None:
