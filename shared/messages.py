@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, NamedTuple
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictStr,
@@ -346,6 +347,18 @@ MAX_LOOKUP_TIMEOUT_MS = 30_000
 PENDING = "pending"  # a geo.lookup reply row not answered by the deadline
 
 
+def _whole_number(value: object) -> object:
+    """A JSON number without a fraction, as JSON Schema's ``integer`` (so 2000.0 passes and
+    "2000" does not): the schema and the service must judge a body alike."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a whole number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        return int(value)
+    return value
+
+
 class GeoLookupRequest(BaseModel):
     """Request ``geo.lookup`` (any component to the resolver, with ``reply_to`` and
     ``correlation_id``): the answers for these addresses, in a ``GeoLookupReply``."""
@@ -358,12 +371,12 @@ class GeoLookupRequest(BaseModel):
         description="1 to 1000 IPv4 or IPv6 addresses, normalized as for ip.seen.",
         examples=[["203.0.113.7", "2001:db8::1"]],
     )
-    timeout_ms: int = Field(
+    timeout_ms: Annotated[int, BeforeValidator(_whole_number)] = Field(
         default=DEFAULT_LOOKUP_TIMEOUT_MS,
         ge=1,
         le=MAX_LOOKUP_TIMEOUT_MS,
-        strict=True,
-        description="How long the requester waits; addresses not answered by then are pending.",
+        description="How long the requester waits (1 to 30000 ms); addresses not answered by "
+        "then are pending.",
     )
 
 

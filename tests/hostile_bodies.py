@@ -31,6 +31,17 @@ HOSTILE_ELSEWHERE: dict[str, tuple[str, bytes]] = {
     "retry bad ip": ("geo.retry", b'{"tick_id": "t", "ips": ["nope"]}'),
     "flush wrong type": ("geo.flush", b'{"tick_id": 5, "issued_at": "yesterday"}'),
     "re_resolve not an object": ("geo.re_resolve", b'["re_resolve"]'),
+    "lookup bad ip": ("geo.lookup", b'{"ips": ["1.1.1.1", "nope"]}'),
+    "lookup no ips": ("geo.lookup", b'{"ips": []}'),
+    "lookup one ip as a string": ("geo.lookup", b'{"ips": "1.1.1.1"}'),
+    "lookup timeout too long": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": 30001}'),
+    "lookup timeout zero": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": 0}'),
+    "lookup timeout as text": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": "2000"}'),
+    "lookup timeout fraction": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": 1.5}'),
+    "lookup timeout true": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": true}'),
+    "lookup timeout whole float": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": 2000.0}'),
+    "lookup valid": ("geo.lookup", b'{"ips": ["::ffff:1.1.1.1", "2001:DB8::1"]}'),
+    "known bad ip": ("geo.known", b'{"ips": ["300.1.1.1"]}'),
 }
 
 

@@ -87,9 +87,12 @@ def test_each_route_says_who_sends_and_who_receives(doc: dict[str, Any]) -> None
         topology.UPSERT,
         topology.RETRY,
         topology.RESOLVED,
+        topology.LOOKUP,
+        topology.KNOWN,
     }
     channels = doc["channels"]
-    assert {channel["address"] for channel in channels.values()} == keys
+    # Reply channels have no address of their own: the request's reply_to says where.
+    assert {channel["address"] for channel in channels.values()} == {*keys, None}
     operations = doc["operations"].values()
     for route in ROUTES:
         channel = channels[route.channel_id]
@@ -104,6 +107,14 @@ def test_each_route_says_who_sends_and_who_receives(doc: dict[str, Any]) -> None
         assert sorted(op["action"] for op in mine) == ["receive", "send"]
         sender = next(op for op in mine if op["action"] == "send")
         assert sender["summary"].startswith(route.senders)
+    lookup = doc["operations"]["send_geoLookup"]["reply"]
+    assert lookup["address"]["location"] == "$message.header#/reply_to"
+    assert lookup["channel"] == {"$ref": "#/channels/geoLookupReply"}
+    replies = {m["$ref"].rsplit("/", 1)[1] for m in lookup["messages"]}
+    assert replies == {"GeoLookupReply", "RequestError"}
+    assert doc["components"]["messages"]["GeoLookupRequest"]["correlationId"]["location"] == (
+        "$message.header#/correlation_id"
+    )
     ip_seen = channels["ipSeen"]["description"]
     assert "Public" in ip_seen
     assert "other BanGUI components" in ip_seen
@@ -120,6 +131,8 @@ def test_servers_and_vhost_are_the_compose_broker(doc: dict[str, Any]) -> None:
     assert doc["servers"]["compose"]["host"] == "rabbitmq:5672"
     assert doc["servers"]["compose"]["pathname"] == f"/{vhost}"
     for channel in doc["channels"].values():
+        if channel["address"] is None:  # replies: the default exchange, at the reply_to
+            continue
         exchange = channel["bindings"]["amqp"]["exchange"]
         assert (exchange["name"], exchange["vhost"]) == ("bangui", vhost)
 
