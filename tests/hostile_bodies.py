@@ -39,9 +39,14 @@ HOSTILE_ELSEWHERE: dict[str, tuple[str, bytes]] = {
     "lookup timeout as text": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": "2000"}'),
     "lookup timeout fraction": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": 1.5}'),
     "lookup timeout true": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": true}'),
-    "lookup timeout whole float": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": 2000.0}'),
-    "lookup valid": ("geo.lookup", b'{"ips": ["::ffff:1.1.1.1", "2001:DB8::1"]}'),
     "known bad ip": ("geo.known", b'{"ips": ["300.1.1.1"]}'),
+}
+
+# Request bodies the resolver accepts, which a schema must accept too.
+EDGE_LOOKUP: dict[str, bytes] = {
+    "lookup timeout whole float": b'{"ips": ["1.1.1.1"], "timeout_ms": 2000.0}',
+    "lookup mapped and uppercase": b'{"ips": ["::ffff:1.1.1.1", "2001:DB8::1"], "x": 1}',
+    "lookup longest timeout": b'{"ips": ["1.1.1.1"], "timeout_ms": 30000}',
 }
 
 

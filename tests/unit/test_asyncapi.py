@@ -22,7 +22,7 @@ from shared.decode import decode
 from shared.errors import Rejected
 from shared.ipnorm import normalize_ip
 from shared.ipschema import IP_PATTERN
-from tests.hostile_bodies import EDGE_IP_SEEN, HOSTILE_ELSEWHERE, HOSTILE_IP_SEEN
+from tests.hostile_bodies import EDGE_IP_SEEN, EDGE_LOOKUP, HOSTILE_ELSEWHERE, HOSTILE_IP_SEEN
 
 REPO = Path(__file__).resolve().parents[2]
 ASYNCAPI = REPO / "asyncapi.yaml"
@@ -166,12 +166,14 @@ def bodies() -> list[tuple[str, str, bytes]]:
     out = [(label, topology.IP_SEEN, body) for label, body in HOSTILE_IP_SEEN.items()]
     out += [(label, key, body) for label, (key, body) in HOSTILE_ELSEWHERE.items()]
     out += [(label, topology.IP_SEEN, body) for label, (body, _) in EDGE_IP_SEEN.items()]
+    out += [(label, topology.LOOKUP, body) for label, body in EDGE_LOOKUP.items()]
     return [entry for entry in out if len(entry[2]) <= MAX_BYTES]
 
 
 def test_the_schemas_refuse_exactly_what_the_services_refuse(doc: dict[str, Any]) -> None:
     judged = bodies()
-    assert len(judged) == len(HOSTILE_IP_SEEN) + len(HOSTILE_ELSEWHERE) + len(EDGE_IP_SEEN) - 1
+    edges = len(EDGE_IP_SEEN) + len(EDGE_LOOKUP)
+    assert len(judged) == len(HOSTILE_IP_SEEN) + len(HOSTILE_ELSEWHERE) + edges - 1
     disagreements = [
         (label, key, service_verdict(key, body), schema_verdict(doc, key, body))
         for label, key, body in judged
@@ -181,6 +183,10 @@ def test_the_schemas_refuse_exactly_what_the_services_refuse(doc: dict[str, Any]
     # And each edge case is judged as its label says, so agreement is not agreement on nonsense.
     for label, (body, accepted) in EDGE_IP_SEEN.items():
         assert service_verdict(topology.IP_SEEN, body) is accepted, label
+    for label, body in EDGE_LOOKUP.items():
+        assert service_verdict(topology.LOOKUP, body), label
+    for label, (key, body) in HOSTILE_ELSEWHERE.items():
+        assert not service_verdict(key, body), label
 
 
 def test_the_readme_example_body_is_accepted_by_both(doc: dict[str, Any]) -> None:
