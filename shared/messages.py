@@ -105,6 +105,11 @@ class RetryUnresolved(BaseModel):
 
     tick_id: str = Field(description="The re_resolve tick that asked for the retry.")
     ips: list[Ip] = Field(min_length=1, max_length=MAX_IPS_PER_MESSAGE)
+    refresh: bool = Field(
+        default=False,
+        description="Resolved rows older than GEO_MAX_AGE: look them up although they are "
+        "answered; a failed lookup keeps the old answer.",
+    )
 
 
 class Resolution(StrEnum):

@@ -49,6 +49,11 @@ def persistence_metrics(
         lambda: state.retries_requested,
     )
     registry.counter(
+        "geo_refreshes_requested_total",
+        "Resolved rows older than GEO_MAX_AGE sent to the resolver by re-resolve.",
+        lambda: state.refreshes_requested,
+    )
+    registry.counter(
         "geo_known_asked_total",
         "IPs the resolver asked about (geo.known).",
         lambda: state.known_asked,
@@ -68,7 +73,12 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         resources.push_async_callback(repository.close)
         amqp = await Amqp.open(settings, service="persistence", stop=stop)
         resources.push_async_callback(amqp.close)
-        deps = PersistenceDeps(repository=repository, publisher=amqp.publisher)
+        deps = PersistenceDeps(
+            repository=repository,
+            publisher=amqp.publisher,
+            max_age=settings.max_age,
+            refresh_per_tick=settings.refresh_per_tick,
+        )
         try:
             await amqp.consume(
                 topology.PERSISTENCE_UPSERT,

@@ -32,4 +32,9 @@ class GeoRepository(Protocol):
         ``rejected``), in no particular order; the others are left out."""
         ...
 
+    async def stale_ips(self, older_than: str, limit: int) -> list[str]:
+        """Up to ``limit`` IPs of ``resolved`` rows with ``cached_at`` before ``older_than``,
+        oldest first: the refresh of re-resolve."""
+        ...
+
     async def close(self) -> None: ...

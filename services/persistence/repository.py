@@ -116,6 +116,14 @@ KNOWN_RESOLUTIONS = (Resolution.RESOLVED, Resolution.NOT_GLOBAL, Resolution.REJE
 KNOWN_CHUNK = 500  # IPs per query: under every SQLite's variable limit
 
 
+# Resolved rows due for a refresh, oldest first (text order is time order: fixed-width ISO-8601).
+# No index: a top-N scan once per re-resolve tick costs less than one more index per upsert.
+SELECT_STALE = (
+    f"SELECT ip FROM geo_cache WHERE resolution = '{Resolution.RESOLVED.value}'"
+    " AND cached_at < {0} ORDER BY cached_at, ip LIMIT {1}"
+)
+
+
 def select_known(placeholders: str) -> str:
     finals = ", ".join(f"'{r.value}'" for r in KNOWN_RESOLUTIONS)
     return (
@@ -138,6 +146,8 @@ class GeoRepository(Protocol):
     async def unresolved_ips(self) -> list[str]: ...
 
     async def known_rows(self, ips: Sequence[str]) -> list[GeoRow]: ...
+
+    async def stale_ips(self, older_than: str, limit: int) -> list[str]: ...
 
 
 class DatabaseReplaced(Exception):
@@ -327,6 +337,12 @@ class SqliteGeoRepository:
         if self._closed_for_reopen or changed_files(self._opened, identify(self._path)):
             await self._reopen("read")
         async with self._db.execute(SELECT_UNRESOLVED) as cursor:
+            return [str(row[0]) async for row in cursor]
+
+    async def stale_ips(self, older_than: str, limit: int) -> list[str]:
+        if self._closed_for_reopen or changed_files(self._opened, identify(self._path)):
+            await self._reopen("read")
+        async with self._db.execute(SELECT_STALE.format("?", "?"), (older_than, limit)) as cursor:
             return [str(row[0]) async for row in cursor]
 
     async def known_rows(self, ips: Sequence[str]) -> list[GeoRow]:

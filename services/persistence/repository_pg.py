@@ -27,6 +27,7 @@ from services.persistence.repository import (
     ADDED_COLUMNS,
     ON_CONFLICT,
     ROW_COLUMNS,
+    SELECT_STALE,
     SELECT_UNRESOLVED,
     UNRESOLVED_INDEX,
     known_row,
@@ -132,6 +133,16 @@ class PostgresGeoRepository:
             db = await self._connection()
             try:
                 cursor = await db.execute(SELECT_UNRESOLVED)
+                found = await cursor.fetchall()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                raise await self._transient("read", exc) from exc
+        return [str(row[0]) for row in found]
+
+    async def stale_ips(self, older_than: str, limit: int) -> list[str]:
+        async with self._lock:
+            db = await self._connection()
+            try:
+                cursor = await db.execute(SELECT_STALE.format("%s", "%s"), (older_than, limit))
                 found = await cursor.fetchall()
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 raise await self._transient("read", exc) from exc

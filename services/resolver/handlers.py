@@ -27,6 +27,7 @@ from shared.messages import (
     MAX_ROWS_PER_UPSERT,
     FlushDirty,
     IpSeen,
+    Resolution,
     RetryUnresolved,
     iso_utc_from_epoch,
 )
@@ -90,6 +91,11 @@ async def not_known(misses: list[str], deps: ResolverDeps) -> list[str]:
 
 async def on_retry_unresolved(cmd: RetryUnresolved, ticket: Ticket, deps: ResolverDeps) -> None:
     await _wait_for_room(deps)
+    if cmd.refresh:
+        refreshed = await _refresh(cmd.ips, deps)
+        deps.log.info("geo_refresh_ran", tick_id=cmd.tick_id, ips=len(cmd.ips), refreshed=refreshed)
+        await _hold_or_ack(cmd.ips, ticket, deps)
+        return
     again = deps.cache.forget_failures(cmd.ips)
     await _resolve(again, deps)
     deps.log.info("geo_retry_ran", tick_id=cmd.tick_id, ips=len(cmd.ips), looked_up=len(again))
@@ -125,6 +131,23 @@ async def _resolve(ips: Sequence[str], deps: ResolverDeps) -> None:
     deps.cache.put_many(((ip, answers.get(ip, FAILED)) for ip in routable), now)
     if len(routable) < len(ips):
         deps.cache.put_many(((ip, NOT_GLOBAL) for ip in set(ips).difference(routable)), now)
+
+
+async def _refresh(ips: Sequence[str], deps: ResolverDeps) -> int:
+    """Look up answered IPs again; only real answers replace the old ones (a failure, or a
+    provider's "no", keeps the row as it is). Returns how many were answered."""
+    routable = list(dict.fromkeys(ip for ip in ips if is_routable(ip)))
+    if not routable:
+        return 0
+    deps.state.lookups += len(routable)
+    try:
+        answers = await deps.lookup.lookup(routable)
+    except Exception as exc:  # the old answers stay
+        deps.log.warning("geo_lookup_failed", ips=len(routable), error=repr(exc))
+        return 0
+    fresh = [(ip, geo) for ip, geo in answers.items() if geo.resolution is Resolution.RESOLVED]
+    deps.cache.put_many(fresh, deps.clock())
+    return len(fresh)
 
 
 async def _hold_or_ack(ips: Sequence[str], ticket: Ticket, deps: ResolverDeps) -> None:
