@@ -160,8 +160,8 @@ def _metric(port: int, name: str) -> float | None:
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
+        if line.startswith((name + " ", name + "{")):
+            return float(line.rsplit(" ", 1)[1])
     return None
 
 
