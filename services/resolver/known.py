@@ -20,7 +20,7 @@ import structlog
 from pydantic import ValidationError
 
 from services.resolver.geo import Geo
-from shared.messages import MAX_IPS_PER_MESSAGE, GeoRow, KnownRows
+from shared.messages import MAX_IPS_PER_MESSAGE, GeoRow, KnownRows, Resolution
 
 Ask = Callable[[bytes, float], Awaitable[bytes | None]]  # (body, timeout) -> reply body or None
 
@@ -34,7 +34,7 @@ def known_answers(rows: Iterable[GeoRow]) -> list[tuple[str, Geo, str]]:
             row.cached_at,
         )
         for row in rows
-        if row.resolution.value != "failed"
+        if row.resolution is not Resolution.FAILED
     ]
 
 
