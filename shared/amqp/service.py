@@ -364,7 +364,14 @@ class Consumer(Generic[M]):
             log.warning("request_refused", queue=self.queue.name, reason=exc.reason)
             reply = json.dumps({"error": exc.reason}).encode()
         else:
-            reply = await self.request_handler(model)
+            try:
+                reply = await self.request_handler(model)
+            except Exception as exc:
+                # The requester waits a bounded time and falls back; a retry or a dead letter
+                # would only answer someone who stopped waiting.
+                log.warning("request_unanswered", queue=self.queue.name, error=repr(exc)[:300])
+                await self._settle(message)
+                return
         try:
             await publish_reply(self.reply_channel, message, reply, self.publisher.timeout)
         except (TimeoutError, AMQPConnectionError, ChannelInvalidStateError) as exc:
