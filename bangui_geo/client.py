@@ -1,9 +1,27 @@
-"""Publishing ``ip.seen`` from another BanGUI component: the supported, uniquely named import.
+"""Publishing ``ip.seen`` and asking ``geo.lookup`` from another BanGUI component: the
+supported, uniquely named import.
 
-``from bangui_geo.client import GeoPublisher`` stays valid however the services' internals
+``from bangui_geo.client import GeoPublisher, GeoClient`` stays
+valid however the services' internals
 (``shared.client`` today) are arranged.
 """
 
-from shared.client import BrokerError, BrokerUnreachable, GeoPublisher, PublishFailed
+from shared.client import (
+    BrokerError,
+    BrokerUnreachable,
+    GeoClient,
+    GeoPublisher,
+    LookupFailed,
+    LookupRow,
+    PublishFailed,
+)
 
-__all__ = ["BrokerError", "BrokerUnreachable", "GeoPublisher", "PublishFailed"]
+__all__ = [
+    "BrokerError",
+    "BrokerUnreachable",
+    "GeoClient",
+    "GeoPublisher",
+    "LookupFailed",
+    "LookupRow",
+    "PublishFailed",
+]

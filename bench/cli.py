@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ from bench.broker import VhostPool, admin_from_env, broker_version, masked
 from bench.drain import bulk_plan, run_drain, single_ip_plan
 from bench.ipapi import run_ipapi
 from bench.latency import run_latency
+from bench.lookup import run_lookup, run_warm
 from bench.machine import CpuWatch, describe
 from bench.memory import run_memory
 from bench.persistence import run_persistence
@@ -47,13 +49,19 @@ class Sizes:
     agent_bans: int = 100_000
     agent_delays: int = 200
     soak_duration: float = 1800.0
+    lookup_rounds: int = 500
+    warm_rows: int = 1_000_000
 
 
 FULL = Sizes(50_000, 1000, 100, 3, 200_000, 5_000, 500, 100.0)
 QUICK = Sizes(
-    5_000, 20, 20, 3, 200_000, 2_000, 200, 100.0, agent_bans=10_000, agent_delays=40,
+    *(5_000, 20, 20, 3, 200_000, 2_000, 200, 100.0),
+    agent_bans=10_000,
+    agent_delays=40,
     soak_duration=30.0,
-)  # fmt: skip
+    lookup_rounds=50,
+    warm_rows=20_000,
+)
 
 Runner = Callable[[VhostPool, Path], Awaitable[list[Figure]]]
 
@@ -64,6 +72,12 @@ class Scenario:
     keys: tuple[str, ...]
     run: Runner
     opt_in: bool = False  # runs only when named with --only (PostgreSQL; the soak's half hour)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -> list[Scenario]:
@@ -94,6 +108,12 @@ def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -
             sizes.agent_bans, sizes.agent_delays, pool.new("agent"), work / "agent"
         )
 
+    async def lookup(pool: VhostPool, work: Path) -> list[Figure]:
+        return await run_lookup(sizes.lookup_rounds, pool.new("lookup"), work / "lookup")
+
+    async def warm(pool: VhostPool, work: Path) -> list[Figure]:
+        return await run_warm(sizes.warm_rows, pool.new("warm"), work / "warm", free_port())
+
     async def persistence_pg(pool: VhostPool, work: Path) -> list[Figure]:
         return await run_persistence_pg(sizes.upsert_batches, sizes.upsert_rounds)
 
@@ -114,6 +134,8 @@ def scenarios(sizes: Sizes, tail_flush_interval: float, profile: bool = False) -
         Scenario("ipapi", ("ipapi_batch_fill",), ipapi),
         Scenario("latency", ("e2e_latency_p50", "e2e_latency_p99", "commits_per_flush"), latency),
         Scenario("agent", ("agent_backfill", "agent_ban_delay_p50", "agent_ban_delay_p99"), agent),
+        Scenario("lookup", ("lookup_p50", "lookup_p99", "lookup_concurrent"), lookup),
+        Scenario("warm", ("warm_first_served", "warm_all_known", "warm_resolver_rss"), warm),
         Scenario("persistence-pg", ("persistence_upsert_pg",), persistence_pg, opt_in=True),
         Scenario("bulk-pg", ("bulk_drain_pg",), bulk_pg, opt_in=True),
         Scenario("soak", soak_keys, soak, opt_in=True),
@@ -135,6 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         choices=[
             *("single", "bulk", "persistence", "memory", "ipapi", "latency", "agent"),
+            *("lookup", "warm"),
             *("persistence-pg", "bulk-pg", "soak"),  # only when named (PostgreSQL; half an hour)
         ],
         help="run only this scenario (repeatable); soak, persistence-pg and bulk-pg run only "
@@ -173,7 +196,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-WORK_DIRS = ("single", "bulk", "sqlite", "ipapi", "latency", "agent", "bulk-pg", "soak")
+WORK_DIRS = (
+    *("single", "bulk", "sqlite", "ipapi", "latency", "agent", "lookup", "warm"),
+    *("bulk-pg", "soak"),
+)
 
 
 async def run(args: argparse.Namespace, work: Path) -> int:

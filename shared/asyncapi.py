@@ -18,9 +18,14 @@ from shared import topology
 from shared.ipschema import IP_JSON_SCHEMA
 from shared.messages import (
     FlushDirty,
+    GeoLookupReply,
+    GeoLookupRequest,
     GeoUpsertBatch,
     IpResolved,
     IpSeen,
+    KnownQuery,
+    KnownRows,
+    RequestError,
     ReResolveStale,
     RetryUnresolved,
 )
@@ -38,6 +43,7 @@ class Route:
     receivers: str
     queue: str | None
     public: bool  # part of what other BanGUI components send or receive
+    reply: type[BaseModel] | None = None  # request/reply: answered at the request's reply_to
 
     @property
     def channel_id(self) -> str:
@@ -58,7 +64,14 @@ ROUTES = (
           topology.PERSISTENCE_UPSERT.name, public=False),
     Route(topology.RETRY, RetryUnresolved, "persistence", "resolver",
           topology.RESOLVER_RETRY.name, public=False),
+    Route(topology.LOOKUP, GeoLookupRequest, "other BanGUI components (web, CLI)",
+          "any resolver replica (competing consumers)", topology.RESOLVER_LOOKUP.name,
+          public=True, reply=GeoLookupReply),
+    Route(topology.KNOWN, KnownQuery, "resolver, on cache misses", "persistence",
+          topology.PERSISTENCE_KNOWN.name, public=False, reply=KnownRows),
 )  # fmt: skip
+REPLY_TO = "$message.header#/reply_to"
+CORRELATION_ID = "$message.header#/correlation_id"
 
 SERVERS = {
     "compose": {
@@ -115,12 +128,52 @@ def _binding(route: Route) -> dict[str, Any]:
 def _operation(route: Route, action: str, who: str) -> dict[str, Any]:
     verb = "sends" if action == "send" else "receives"
     queue = f" from queue '{route.queue}'" if action == "receive" and route.queue else ""
-    return {
+    operation: dict[str, Any] = {
         "action": action,
         "channel": {"$ref": f"#/channels/{route.channel_id}"},
         "summary": f"{who} {verb} {route.routing_key}{queue}.",
         "messages": [{"$ref": f"#/channels/{route.channel_id}/messages/{route.model.__name__}"}],
     }
+    if route.reply is not None:
+        reply_id = _reply_channel_id(route)
+        operation["reply"] = {
+            "address": {
+                "location": REPLY_TO,
+                "description": "The request's AMQP reply_to property: RabbitMQ's direct "
+                "reply-to (amq.rabbitmq.reply-to) or a queue of the requester's own.",
+            },
+            "channel": {"$ref": f"#/channels/{reply_id}"},
+            "messages": [
+                {"$ref": f"#/channels/{reply_id}/messages/{model.__name__}"}
+                for model in _reply_models(route)
+            ],
+        }
+    return operation
+
+
+def _reply_channel_id(route: Route) -> str:
+    return f"{route.channel_id}Reply"
+
+
+def _reply_models(route: Route) -> list[type[BaseModel]]:
+    assert route.reply is not None
+    return [route.reply, RequestError] if route.public else [route.reply]
+
+
+def _message(model: type[BaseModel], *, correlated: bool) -> dict[str, Any]:
+    name = model.__name__
+    message: dict[str, Any] = {
+        "name": name,
+        "title": name,
+        "contentType": "application/json",
+        "payload": {"$ref": f"#/components/schemas/{name}"},
+    }
+    if correlated:
+        message["correlationId"] = {
+            "location": CORRELATION_ID,
+            "description": "The AMQP correlation_id property; the reply carries the request's.",
+        }
+    return message
 
 
 def document() -> dict[str, Any]:
@@ -130,15 +183,30 @@ def document() -> dict[str, Any]:
     operations: dict[str, Any] = {}
     for route in ROUTES:
         name = route.model.__name__
-        schema = route.model.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(schema.pop("$defs", {}))
-        schemas[name] = schema
-        messages[name] = {
-            "name": name,
-            "title": name,
-            "contentType": "application/json",
-            "payload": {"$ref": f"#/components/schemas/{name}"},
-        }
+        for model in [route.model, *(_reply_models(route) if route.reply else [])]:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+            messages[model.__name__] = _message(model, correlated=route.reply is not None)
+        if route.reply is not None:
+            channels[_reply_channel_id(route)] = {
+                "address": None,
+                "description": (
+                    f"Replies to {route.routing_key}: published by {route.receivers} on the "
+                    "default exchange with the request's reply_to as routing key and its "
+                    "correlation_id."
+                    + (
+                        " A malformed request with a reply_to gets a RequestError and is acked; "
+                        "one without a reply_to is dead-lettered."
+                        if route.public
+                        else ""
+                    )
+                ),
+                "messages": {
+                    m.__name__: {"$ref": f"#/components/messages/{m.__name__}"}
+                    for m in _reply_models(route)
+                },
+            }
         scope = "Public" if route.public else "Internal to bangui-geo"
         channels[route.channel_id] = {
             "address": route.routing_key,
@@ -163,7 +231,8 @@ def document() -> dict[str, Any]:
                 "the schema). Rejected messages go to "
                 f"'{topology.DEAD_LETTER_EXCHANGE}' -> queue '{topology.DEAD_LETTER_QUEUE}' with "
                 f"the reason in header '{topology.REASON_HEADER}'. Other components send "
-                "ip.seen and may receive ip.resolved; the other routes are the services' own. "
+                "ip.seen, may receive ip.resolved, and may ask geo.lookup (request/reply); the "
+                "other routes are the services' own. "
                 "Generated from shared/messages.py by `python -m shared.asyncapi`; do not edit "
                 "by hand."
             ),

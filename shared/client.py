@@ -1,4 +1,5 @@
-"""The publisher client for other BanGUI components: connect once, then ``publish_seen`` IPs.
+"""The clients for other BanGUI components: ``GeoPublisher`` publishes ``ip.seen``, and
+``GeoClient`` asks the resolver (``geo.lookup``) and waits for the answer.
 
 Addresses are validated and normalized here with the same ``IpSeen`` model the resolver uses, so
 a bad one raises ``ValueError`` before anything is sent instead of ending in ``geo.dead_letter``.
@@ -7,6 +8,7 @@ Lists longer than a message may carry are split; every message is persistent and
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -16,9 +18,27 @@ from pydantic import ValidationError
 
 from shared import topology
 from shared.amqp import BrokerError, BrokerUnreachable, ExchangePublisher, PublishFailed
-from shared.messages import MAX_IPS_PER_MESSAGE, IpSeen
+from shared.amqp.requests import Requester
+from shared.messages import (
+    MAX_IPS_PER_MESSAGE,
+    MAX_LOOKUP_TIMEOUT_MS,
+    GeoLookupReply,
+    GeoLookupRequest,
+    IpSeen,
+    LookupRow,
+    RequestError,
+)
 
-__all__ = ["BrokerError", "BrokerUnreachable", "GeoPublisher", "PublishFailed", "ip_seen_bodies"]
+__all__ = [
+    "BrokerError",
+    "BrokerUnreachable",
+    "GeoClient",
+    "GeoPublisher",
+    "LookupFailed",
+    "LookupRow",
+    "PublishFailed",
+    "ip_seen_bodies",
+]
 
 CONNECT_TIMEOUT = 10.0
 CONFIRM_TIMEOUT = 10.0
@@ -86,6 +106,101 @@ class GeoPublisher:
 
     async def close(self) -> None:
         await self._publisher.close()
+
+
+class LookupFailed(BrokerError):
+    """No resolver answered a ``geo.lookup`` in time, or it refused the request."""
+
+
+# Beyond the request's own timeout, how long the client waits for the reply's trip back.
+REPLY_SLACK_S = 1.0
+
+
+class GeoClient:
+    """Asks the resolver over the broker: ``rows = await geo.lookup(["203.0.113.7"])``.
+
+    Replies come back by RabbitMQ's direct reply-to, so a publish-only user
+    (``bangui-publisher``) can ask, and nothing is declared. Rows are ``LookupRow`` tuples in
+    request order; an address not answered within ``timeout`` has the resolution ``pending``.
+    """
+
+    def __init__(self, publisher: ExchangePublisher, requester: Requester) -> None:
+        self._publisher = publisher
+        self._requester = requester
+
+    @classmethod
+    async def open(cls, url: str, *, connect_timeout: float = CONNECT_TIMEOUT) -> GeoClient:
+        """Connect with one attempt; raise ``BrokerUnreachable`` saying why it failed."""
+        publisher = await ExchangePublisher.open(
+            url, connect_timeout=connect_timeout, confirm_timeout=CONFIRM_TIMEOUT
+        )
+        try:
+            requester = await Requester.open(publisher.connection)
+        except BaseException:
+            await publisher.close()
+            raise
+        return cls(publisher, requester)
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, url: str, *, connect_timeout: float = CONNECT_TIMEOUT
+    ) -> AsyncIterator[GeoClient]:
+        geo = await cls.open(url, connect_timeout=connect_timeout)
+        try:
+            yield geo
+        finally:
+            await geo.close()
+
+    async def lookup(
+        self,
+        ips: str | Iterable[str],
+        *,
+        timeout: float = 2.0,  # noqa: ASYNC109 - the request's own deadline, sent to the resolver
+    ) -> list[LookupRow]:
+        """The rows for ``ips`` (any number, asked 1000 at a time, concurrently), in order.
+
+        Raises ``ValueError`` naming a bad address before anything is sent, and
+        ``LookupFailed`` when no resolver answered within ``timeout`` plus a second.
+        """
+        values = [ips] if isinstance(ips, str) else list(ips)
+        timeout_ms = max(1, min(MAX_LOOKUP_TIMEOUT_MS, round(timeout * 1000)))
+        requests = [
+            _lookup_request(values[start : start + MAX_IPS_PER_MESSAGE], timeout_ms, start)
+            for start in range(0, len(values), MAX_IPS_PER_MESSAGE)
+        ]
+        replies = await asyncio.gather(
+            *(self._ask(request, timeout_ms / 1000 + REPLY_SLACK_S) for request in requests)
+        )
+        return [row for reply in replies for row in reply]
+
+    async def _ask(self, request: GeoLookupRequest, wait: float) -> list[LookupRow]:
+        body = request.model_dump_json().encode()
+        reply = await self._requester.request(topology.LOOKUP, body, wait)
+        if reply is None:
+            raise LookupFailed(f"no resolver answered geo.lookup within {wait:.1f} s")
+        try:
+            return list(GeoLookupReply.model_validate_json(reply).rows)
+        except ValidationError:
+            try:
+                error = RequestError.model_validate_json(reply).error
+            except ValidationError:
+                error = f"unreadable reply: {reply[:200]!r}"
+            raise LookupFailed(f"geo.lookup refused: {error}") from None
+
+    async def close(self) -> None:
+        await self._requester.close()
+        await self._publisher.close()
+
+
+def _lookup_request(ips: list[str], timeout_ms: int, offset: int) -> GeoLookupRequest:
+    try:
+        return GeoLookupRequest(ips=ips, timeout_ms=timeout_ms)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        message = error["msg"].removeprefix("Value error, ")
+        where = _position(error["loc"], offset)
+        raise ValueError(f"{where}: {message}" if where else message) from None
 
 
 def ip_seen_bodies(

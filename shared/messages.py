@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, NamedTuple
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictStr,
@@ -104,6 +105,11 @@ class RetryUnresolved(BaseModel):
 
     tick_id: str = Field(description="The re_resolve tick that asked for the retry.")
     ips: list[Ip] = Field(min_length=1, max_length=MAX_IPS_PER_MESSAGE)
+    refresh: bool = Field(
+        default=False,
+        description="Resolved rows older than GEO_MAX_AGE: look them up although they are "
+        "answered; a failed lookup keeps the old answer.",
+    )
 
 
 class Resolution(StrEnum):
@@ -323,6 +329,99 @@ class IpResolved(BaseModel):
     )
 
 
+class KnownQuery(BaseModel):
+    """Command ``geo.known`` (resolver to persistence, request/reply): which of these IPs does
+    ``geo_cache`` already answer? The reply is a ``KnownRows``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    ips: list[Ip] = Field(min_length=1, max_length=MAX_IPS_PER_MESSAGE)
+
+
+class KnownRows(BaseModel):
+    """Reply to ``geo.known``: the rows with a final answer (``resolved``, ``not_global``,
+    ``rejected``) among the IPs asked for; IPs without one are left out."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    rows: CheckedRows = Field(max_length=MAX_ROWS_PER_UPSERT, description=ROWS_DESCRIPTION)
+
+
+DEFAULT_LOOKUP_TIMEOUT_MS = 2000
+MAX_LOOKUP_TIMEOUT_MS = 30_000
+PENDING = "pending"  # a geo.lookup reply row not answered by the deadline
+
+
+def _whole_number(value: object) -> object:
+    """A JSON number without a fraction, as JSON Schema's ``integer`` (so 2000.0 passes and
+    "2000" does not): the schema and the service must judge a body alike."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a whole number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        return int(value)
+    return value
+
+
+class GeoLookupRequest(BaseModel):
+    """Request ``geo.lookup`` (any component to the resolver, with ``reply_to`` and
+    ``correlation_id``): the answers for these addresses, in a ``GeoLookupReply``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    ips: list[Ip] = Field(
+        min_length=1,
+        max_length=MAX_IPS_PER_MESSAGE,
+        description="1 to 1000 IPv4 or IPv6 addresses, normalized as for ip.seen.",
+        examples=[["203.0.113.7", "2001:db8::1"]],
+    )
+    timeout_ms: Annotated[int, BeforeValidator(_whole_number)] = Field(
+        default=DEFAULT_LOOKUP_TIMEOUT_MS,
+        ge=1,
+        le=MAX_LOOKUP_TIMEOUT_MS,
+        description="How long the requester waits (1 to 30000 ms); addresses not answered by "
+        "then are pending.",
+    )
+
+
+LookupResolution = Literal["resolved", "failed", "not_global", "rejected", "pending"]
+
+
+class LookupRow(NamedTuple):
+    """A ``geo.lookup`` reply row: a ``GeoUpsertBatch`` row, or ``pending`` with NULL fields."""
+
+    ip: IpText
+    resolution: LookupResolution
+    cached_at: IsoUtc | None
+    country_code: CountryCode | None = None
+    country_name: Text | None = None
+    asn: Asn | None = None
+    org: Text | None = None
+    provider: ProviderName | None = None
+
+
+class GeoLookupReply(BaseModel):
+    """Reply to ``geo.lookup``: one row per requested address, in request order."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    rows: list[LookupRow] = Field(
+        min_length=1,
+        max_length=MAX_IPS_PER_MESSAGE,
+        description=ROWS_DESCRIPTION + " resolution 'pending' (all other fields null): not "
+        "answered by the deadline; it is still resolved and stored.",
+    )
+
+
+class RequestError(BaseModel):
+    """Reply to a malformed request that carried a ``reply_to``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    error: str = Field(description="Why the request was refused.")
+
+
 MESSAGE_MODELS: tuple[type[BaseModel], ...] = (
     IpSeen,
     IpResolved,
@@ -330,4 +429,9 @@ MESSAGE_MODELS: tuple[type[BaseModel], ...] = (
     ReResolveStale,
     RetryUnresolved,
     GeoUpsertBatch,
+    KnownQuery,
+    KnownRows,
+    GeoLookupRequest,
+    GeoLookupReply,
+    RequestError,
 )

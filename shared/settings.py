@@ -138,6 +138,15 @@ class Settings(BaseSettings):
         default=1_048_576, ge=1024, description="Larger bodies go to geo.dead_letter."
     )
     publish_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a confirm.")
+    known_timeout: float = Field(
+        default=2.0, gt=0, le=30, description="Seconds the resolver waits for geo.known."
+    )
+    max_age: float = Field(
+        default=30 * 86400.0, ge=0, description="Seconds before a resolved row is refreshed."
+    )
+    refresh_per_tick: int = Field(
+        default=1000, ge=0, description="Resolved rows refreshed per re-resolve tick, at most."
+    )
     publish_resolved: bool = Field(
         default=True, description="Publish ip.resolved events after each flush."
     )

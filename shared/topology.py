@@ -21,6 +21,10 @@ RE_RESOLVE = "geo.re_resolve"
 UPSERT = "geo.upsert"
 RETRY = "geo.retry"
 RESOLVED = "ip.resolved"  # event after each flush, for live dashboards; may have no listener
+LOOKUP = "geo.lookup"  # request/reply: any component asks the resolver, answered at reply_to
+KNOWN = "geo.known"  # request/reply: the resolver asks persistence what geo_cache knows
+# RabbitMQ's direct reply-to pseudo-queue: replies without a queue of the requester's own.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 # Dead-letter headers we add (the broker adds x-death for its own dead-lettering).
 REASON_HEADER = "x-geo-reject-reason"
@@ -66,6 +70,10 @@ PERSISTENCE_UPSERT = QueueSpec("geo.persistence.upsert", (UPSERT,), single_activ
 PERSISTENCE_RE_RESOLVE = QueueSpec(
     "geo.persistence.re_resolve", (RE_RESOLVE,), dead_letter=False, single_active=True
 )
+# Requests: competing resolver replicas answer geo.lookup; persistence (the active one, as for
+# its other queues) answers geo.known. Invalid requests without a reply_to are dead-lettered.
+RESOLVER_LOOKUP = QueueSpec("geo.resolver.lookup", (LOOKUP,))
+PERSISTENCE_KNOWN = QueueSpec("geo.persistence.known", (KNOWN,), single_active=True)
 DEAD_LETTER = QueueSpec(DEAD_LETTER_QUEUE, ("#",), dead_letter=False)
 
 WORK_QUEUES: tuple[QueueSpec, ...] = (
@@ -73,6 +81,8 @@ WORK_QUEUES: tuple[QueueSpec, ...] = (
     RESOLVER_RETRY,
     PERSISTENCE_UPSERT,
     PERSISTENCE_RE_RESOLVE,
+    RESOLVER_LOOKUP,
+    PERSISTENCE_KNOWN,
 )
 
 # Every resolver replica gets every geo.flush: each declares its own exclusive queue named

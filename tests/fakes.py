@@ -128,3 +128,15 @@ class InMemoryGeoRepository:
             for ip, row in self.rows.items()
             if row.country_code is None and row.resolution is Resolution.FAILED
         ]
+
+    async def stale_ips(self, older_than: str, limit: int) -> list[str]:
+        due = [r for r in self.rows.values() if r.resolution is Resolution.RESOLVED]
+        due = [r for r in due if r.cached_at < older_than]
+        return [r.ip for r in sorted(due, key=lambda r: (r.cached_at, r.ip))][:limit]
+
+    async def known_rows(self, ips: Sequence[str]) -> list[GeoRow]:
+        return [
+            row
+            for ip in dict.fromkeys(ips)
+            if (row := self.rows.get(ip)) is not None and row.resolution is not Resolution.FAILED
+        ]

@@ -31,6 +31,22 @@ HOSTILE_ELSEWHERE: dict[str, tuple[str, bytes]] = {
     "retry bad ip": ("geo.retry", b'{"tick_id": "t", "ips": ["nope"]}'),
     "flush wrong type": ("geo.flush", b'{"tick_id": 5, "issued_at": "yesterday"}'),
     "re_resolve not an object": ("geo.re_resolve", b'["re_resolve"]'),
+    "lookup bad ip": ("geo.lookup", b'{"ips": ["1.1.1.1", "nope"]}'),
+    "lookup no ips": ("geo.lookup", b'{"ips": []}'),
+    "lookup one ip as a string": ("geo.lookup", b'{"ips": "1.1.1.1"}'),
+    "lookup timeout too long": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": 30001}'),
+    "lookup timeout zero": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": 0}'),
+    "lookup timeout as text": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": "2000"}'),
+    "lookup timeout fraction": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": 1.5}'),
+    "lookup timeout true": ("geo.lookup", b'{"ips": ["1.1.1.1"], "timeout_ms": true}'),
+    "known bad ip": ("geo.known", b'{"ips": ["300.1.1.1"]}'),
+}
+
+# Request bodies the resolver accepts, which a schema must accept too.
+EDGE_LOOKUP: dict[str, bytes] = {
+    "lookup timeout whole float": b'{"ips": ["1.1.1.1"], "timeout_ms": 2000.0}',
+    "lookup mapped and uppercase": b'{"ips": ["::ffff:1.1.1.1", "2001:DB8::1"], "x": 1}',
+    "lookup longest timeout": b'{"ips": ["1.1.1.1"], "timeout_ms": 30000}',
 }
 
 

@@ -27,6 +27,7 @@ from services.cli import backup, database, deadletters, import_sqlite
 from services.cli.durations import format_age, parse_age
 from services.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
 from services.cli.inputs import InputError, from_arguments
+from services.cli.live import live_lookup
 from services.cli.publish import PublishRequest, publish
 from services.cli.table import thousands
 from shared.amqp import (
@@ -40,11 +41,13 @@ from shared.amqp import (
 )
 from shared.deadletters import matches
 from shared.logging import configure_logging
+from shared.messages import MAX_LOOKUP_TIMEOUT_MS
 from shared.settings import Settings, SettingsError, load_settings
 
 PROG = "bangui-geo"
 SERVICES = ("resolver", "timer", "persistence")
 STATS_TOP = 20
+LIVE_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 5.0  # one attempt: a tool fails fast instead of retrying like a service
 
 
@@ -99,8 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent_command.add_arguments(agent)
 
-    look = commands.add_parser("lookup", parents=[db], help="show the geo_cache rows of IPs")
+    look = commands.add_parser(
+        "lookup",
+        parents=[db, broker],
+        help="show the geo_cache rows of IPs (--live: ask the resolver)",
+        description="Show the geo_cache rows of IPs from the file, or with --live ask the "
+        "resolver over the broker (geo.lookup): unknown IPs are resolved and stored.",
+    )
     look.add_argument("ips", nargs="+", metavar="IP")
+    look.add_argument("--live", action="store_true", help="ask the resolver over the broker")
+    look.add_argument(
+        "--timeout",
+        type=float,
+        default=LIVE_TIMEOUT,
+        metavar="SECONDS",
+        help=f"with --live: how long to wait (default {LIVE_TIMEOUT:g}; at most 30)",
+    )
 
     stats = commands.add_parser(
         "stats", parents=[db], help="IPs by country, unresolved count, newest row"
@@ -242,8 +259,21 @@ def _dispatch(args: argparse.Namespace) -> int:
             ips = [entry.ip for entry in from_arguments(list(args.ips))]
         except InputError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
-        with closing(database.open_reader(settings)) as db:
-            print(database.render_lookup(ips, database.lookup(db, ips)))
+        if args.live:
+            if not 0 < args.timeout <= MAX_LOOKUP_TIMEOUT_MS / 1000:
+                raise CliError("--timeout: between 0 and 30 seconds", EXIT_USAGE)
+            found = asyncio.run(
+                live_lookup(
+                    ips,
+                    amqp_url=settings.amqp_url,
+                    connect_timeout=CONNECT_TIMEOUT,
+                    deadline=float(args.timeout),
+                )
+            )
+            print(database.render_lookup(ips, found))
+        else:
+            with closing(database.open_reader(settings)) as db:
+                print(database.render_lookup(ips, database.lookup(db, ips)))
     elif args.command == "stats":
         with closing(database.open_reader(settings)) as db:
             stats = database.read_stats(db)

@@ -8,16 +8,22 @@ from functools import partial
 
 import structlog
 
-from services.persistence.handlers import PersistenceDeps, on_geo_upsert_batch, on_re_resolve
+from services.persistence.handlers import (
+    PersistenceDeps,
+    on_geo_upsert_batch,
+    on_known,
+    on_re_resolve,
+)
 from services.persistence.ports import GeoRepository
 from services.persistence.stores import describe, open_repository
 from shared import topology
 from shared.amqp import Amqp
-from shared.messages import GeoUpsertBatch, ReResolveStale
+from shared.messages import GeoUpsertBatch, KnownQuery, ReResolveStale
 from shared.metrics import MetricsRegistry, serve_metrics
 from shared.settings import Settings
 
 UPSERT_PREFETCH = 8
+KNOWN_PREFETCH = 16
 
 
 def persistence_metrics(
@@ -42,6 +48,21 @@ def persistence_metrics(
         "IPs sent to the resolver by re-resolve.",
         lambda: state.retries_requested,
     )
+    registry.counter(
+        "geo_refreshes_requested_total",
+        "Resolved rows older than GEO_MAX_AGE sent to the resolver by re-resolve.",
+        lambda: state.refreshes_requested,
+    )
+    registry.counter(
+        "geo_known_asked_total",
+        "IPs the resolver asked about (geo.known).",
+        lambda: state.known_asked,
+    )
+    registry.counter(
+        "geo_known_answered_total",
+        "IPs answered from geo_cache to geo.known.",
+        lambda: state.known_answered,
+    )
     return registry
 
 
@@ -52,7 +73,12 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         resources.push_async_callback(repository.close)
         amqp = await Amqp.open(settings, service="persistence", stop=stop)
         resources.push_async_callback(amqp.close)
-        deps = PersistenceDeps(repository=repository, publisher=amqp.publisher)
+        deps = PersistenceDeps(
+            repository=repository,
+            publisher=amqp.publisher,
+            max_age=settings.max_age,
+            refresh_per_tick=settings.refresh_per_tick,
+        )
         try:
             await amqp.consume(
                 topology.PERSISTENCE_UPSERT,
@@ -65,6 +91,12 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 ReResolveStale,
                 prefetch=1,
                 handler=partial(on_re_resolve, deps=deps),
+            )
+            await amqp.consume(
+                topology.PERSISTENCE_KNOWN,
+                KnownQuery,
+                prefetch=KNOWN_PREFETCH,
+                request_handler=partial(on_known, deps=deps),
             )
             registry = persistence_metrics(deps, repository, amqp)
             metrics = await serve_metrics(settings, registry, amqp.health)

@@ -8,6 +8,7 @@ the model, because the check needs the clock.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from shared.messages import (
     MAX_IPS_PER_MESSAGE,
     GeoRow,
     GeoUpsertBatch,
+    KnownQuery,
     ReResolveStale,
     RetryUnresolved,
     iso_utc_from_epoch,
@@ -36,6 +38,9 @@ class PersistenceState:
     batches: int = 0
     rows: int = 0
     retries_requested: int = 0
+    refreshes_requested: int = 0
+    known_asked: int = 0
+    known_answered: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class PersistenceDeps:
         default_factory=lambda: structlog.get_logger("persistence")
     )
     clock: Callable[[], float] = time.time
+    max_age: float = 0.0  # seconds; 0: resolved rows are never refreshed
+    refresh_per_tick: int = 0
 
 
 # How far a row's cached_at may be ahead of persistence's clock: the resolver's clock may run a
@@ -100,20 +107,50 @@ async def on_re_resolve(cmd: ReResolveStale, deps: PersistenceDeps) -> None:
     except DatabaseReplaced as exc:
         raise Transient(str(exc)) from exc
     ips = _retryable(stored)
+    stale = await _stale(deps)
     batches = [
         RetryUnresolved(tick_id=cmd.tick_id, ips=ips[i : i + MAX_IPS_PER_MESSAGE])
         for i in range(0, len(ips), MAX_IPS_PER_MESSAGE)
+    ] + [
+        RetryUnresolved(tick_id=cmd.tick_id, ips=stale[i : i + MAX_IPS_PER_MESSAGE], refresh=True)
+        for i in range(0, len(stale), MAX_IPS_PER_MESSAGE)
     ]
     if batches:
         await deps.publisher.publish(topology.RETRY, batches)
     deps.state.retries_requested += len(ips)
+    deps.state.refreshes_requested += len(stale)
     deps.log.info(
         "geo_re_resolve_ran",
         tick_id=cmd.tick_id,
         unresolved=len(stored),
         retried=len(ips),
+        refreshed=len(stale),
         batches=len(batches),
     )
+
+
+async def _stale(deps: PersistenceDeps) -> list[str]:
+    """Resolved rows older than ``max_age``, oldest first, at most ``refresh_per_tick``."""
+    if deps.max_age <= 0 or deps.refresh_per_tick <= 0:
+        return []
+    cutoff = iso_utc_from_epoch(deps.clock() - deps.max_age)
+    try:
+        stored = await deps.repository.stale_ips(cutoff, deps.refresh_per_tick)
+    except DatabaseReplaced as exc:
+        raise Transient(str(exc)) from exc
+    return _retryable(stored)
+
+
+async def on_known(cmd: KnownQuery, deps: PersistenceDeps) -> bytes:
+    """Answer the resolver's "which of these do you know?" with the final rows among them."""
+    try:
+        rows = await deps.repository.known_rows(cmd.ips)
+    except DatabaseReplaced as exc:
+        raise Transient(str(exc)) from exc
+    deps.state.known_asked += len(cmd.ips)
+    deps.state.known_answered += len(rows)
+    deps.log.debug("geo_known_answered", asked=len(cmd.ips), known=len(rows))
+    return b'{"rows":%s}' % json.dumps(rows, separators=(",", ":")).encode()
 
 
 def _retryable(stored: list[str]) -> list[str]:

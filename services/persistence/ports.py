@@ -27,4 +27,14 @@ class GeoRepository(Protocol):
         """IPs re-resolve retries: no country, and ``failed`` or from the original table."""
         ...
 
+    async def known_rows(self, ips: Sequence[str]) -> list[GeoRow]:
+        """The rows of ``ips`` with a final answer (``resolved``, ``not_global``,
+        ``rejected``), in no particular order; the others are left out."""
+        ...
+
+    async def stale_ips(self, older_than: str, limit: int) -> list[str]:
+        """Up to ``limit`` IPs of ``resolved`` rows with ``cached_at`` before ``older_than``,
+        oldest first: the refresh of re-resolve."""
+        ...
+
     async def close(self) -> None: ...

@@ -110,10 +110,44 @@ WHERE country_code IS NULL AND (resolution IS NULL OR resolution = '{Resolution.
 """
 
 
+# Rows with a final answer, which the resolver may serve without a lookup; ``failed`` rows (and
+# the original table's rows, with no resolution) stay re-resolve's business.
+KNOWN_RESOLUTIONS = (Resolution.RESOLVED, Resolution.NOT_GLOBAL, Resolution.REJECTED)
+KNOWN_CHUNK = 500  # IPs per query: under every SQLite's variable limit
+
+
+# Resolved rows due for a refresh, oldest first (text order is time order: fixed-width ISO-8601).
+# No index: a top-N scan once per re-resolve tick costs less than one more index per upsert.
+SELECT_STALE = (
+    f"SELECT ip FROM geo_cache WHERE resolution = '{Resolution.RESOLVED.value}'"
+    " AND cached_at < {0} ORDER BY cached_at, ip LIMIT {1}"
+)
+
+
+def select_known(placeholders: str) -> str:
+    finals = ", ".join(f"'{r.value}'" for r in KNOWN_RESOLUTIONS)
+    return (
+        f"SELECT {', '.join(ROW_COLUMNS)} FROM geo_cache"
+        f" WHERE ip IN ({placeholders}) AND resolution IN ({finals})"
+    )
+
+
+def known_row(found: Sequence[object]) -> GeoRow:
+    ip, resolution, cached_at, *rest = (None if v is None else str(v) for v in found)
+    assert ip is not None
+    assert resolution is not None
+    assert cached_at is not None
+    return GeoRow(ip, Resolution(resolution), cached_at, *rest)
+
+
 class GeoRepository(Protocol):
     async def upsert_many(self, rows: Sequence[GeoRow]) -> int: ...
 
     async def unresolved_ips(self) -> list[str]: ...
+
+    async def known_rows(self, ips: Sequence[str]) -> list[GeoRow]: ...
+
+    async def stale_ips(self, older_than: str, limit: int) -> list[str]: ...
 
 
 class DatabaseReplaced(Exception):
@@ -304,6 +338,23 @@ class SqliteGeoRepository:
             await self._reopen("read")
         async with self._db.execute(SELECT_UNRESOLVED) as cursor:
             return [str(row[0]) async for row in cursor]
+
+    async def stale_ips(self, older_than: str, limit: int) -> list[str]:
+        if self._closed_for_reopen or changed_files(self._opened, identify(self._path)):
+            await self._reopen("read")
+        async with self._db.execute(SELECT_STALE.format("?", "?"), (older_than, limit)) as cursor:
+            return [str(row[0]) async for row in cursor]
+
+    async def known_rows(self, ips: Sequence[str]) -> list[GeoRow]:
+        if self._closed_for_reopen or changed_files(self._opened, identify(self._path)):
+            await self._reopen("read")
+        out: list[GeoRow] = []
+        for start in range(0, len(ips), KNOWN_CHUNK):
+            chunk = list(ips[start : start + KNOWN_CHUNK])
+            sql = select_known(", ".join("?" * len(chunk)))
+            async with self._db.execute(sql, chunk) as cursor:
+                out.extend([known_row(row) async for row in cursor])
+        return out
 
     async def _start_checkpointer(self) -> None:
         self._checkpointer = await WalCheckpointer.start(

@@ -27,8 +27,11 @@ from services.persistence.repository import (
     ADDED_COLUMNS,
     ON_CONFLICT,
     ROW_COLUMNS,
+    SELECT_STALE,
     SELECT_UNRESOLVED,
     UNRESOLVED_INDEX,
+    known_row,
+    select_known,
 )
 from shared.errors import Transient
 from shared.messages import GeoRow
@@ -134,6 +137,27 @@ class PostgresGeoRepository:
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 raise await self._transient("read", exc) from exc
         return [str(row[0]) for row in found]
+
+    async def stale_ips(self, older_than: str, limit: int) -> list[str]:
+        async with self._lock:
+            db = await self._connection()
+            try:
+                cursor = await db.execute(SELECT_STALE.format("%s", "%s"), (older_than, limit))
+                found = await cursor.fetchall()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                raise await self._transient("read", exc) from exc
+        return [str(row[0]) for row in found]
+
+    async def known_rows(self, ips: Sequence[str]) -> list[GeoRow]:
+        sql = select_known("SELECT unnest(%s::text[])")
+        async with self._lock:
+            db = await self._connection()
+            try:
+                cursor = await db.execute(sql, (list(ips),))
+                found = await cursor.fetchall()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                raise await self._transient("read", exc) from exc
+        return [known_row(row) for row in found]
 
     async def close(self) -> None:
         if self._db is not None:

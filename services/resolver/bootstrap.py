@@ -25,13 +25,15 @@ from services.resolver.handlers import (
     on_ip_seen,
     on_retry_unresolved,
 )
+from services.resolver.known import KnownBatcher
 from services.resolver.lookup import GeoLookup, ProviderChain
+from services.resolver.lookup_requests import on_geo_lookup
 from services.resolver.providers.embedded import EmbeddedProvider
 from services.resolver.providers.ipapi import IpApiProvider
 from services.resolver.providers.mmdb import MmdbProvider
 from shared import topology
 from shared.amqp import Amqp
-from shared.messages import FlushDirty, IpSeen, RetryUnresolved
+from shared.messages import FlushDirty, GeoLookupRequest, IpSeen, RetryUnresolved
 from shared.metrics import MetricsRegistry, serve_metrics
 from shared.ports import Acker, Publisher
 from shared.salvage import salvage_ip_seen
@@ -39,6 +41,7 @@ from shared.settings import Settings
 
 # With no geo.flush for this many flush intervals, the resolver flushes by itself.
 WATCHDOG_INTERVALS = 3
+LOOKUP_PREFETCH = 64  # geo.lookup requests answered at once per replica
 
 
 def build_lookup(settings: Settings) -> GeoLookup:
@@ -57,6 +60,7 @@ def build_deps(
     publisher: Publisher,
     acker: Acker,
     clock: Callable[[], float] = time.time,
+    known: KnownBatcher | None = None,
 ) -> ResolverDeps:
     return ResolverDeps(
         cache=GeoCache(settings.cache_max_entries, settings.negative_ttl),
@@ -67,6 +71,7 @@ def build_deps(
         hold_limit=max(1, settings.prefetch // 2),
         flush_max_dirty=settings.flush_max_dirty,
         announce_resolved=settings.publish_resolved,
+        known=known,
     )
 
 
@@ -93,6 +98,23 @@ def resolver_metrics(deps: ResolverDeps, amqp: Amqp) -> MetricsRegistry:
         "geo_rows_flushed_total", "Rows published as geo.upsert.", lambda: state.rows_flushed
     )
     registry.counter("geo_lookups_total", "IPs sent to the provider chain.", lambda: state.lookups)
+    registry.counter(
+        "geo_lookup_requests_total", "geo.lookup requests answered.", lambda: state.lookup_requests
+    )
+    registry.counter(
+        "geo_lookup_pending_total",
+        "geo.lookup addresses answered pending (deadline).",
+        lambda: state.lookups_pending,
+    )
+    known = deps.known
+    if known is not None:
+        registry.counter(
+            "geo_known_asked_total", "Cache misses asked of geo_cache.", lambda: known.asked
+        )
+        registry.counter("geo_known_hits_total", "Misses geo_cache answered.", lambda: known.known)
+        registry.counter(
+            "geo_known_timeouts_total", "geo.known questions unanswered.", lambda: known.timeouts
+        )
     for provider in getattr(deps.lookup, "providers", (deps.lookup,)):
         register = getattr(provider, "register_metrics", None)
         if register is not None:
@@ -107,7 +129,11 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         resources.push_async_callback(lookup.close)
         amqp = await Amqp.open(settings, service="resolver", stop=stop)
         resources.push_async_callback(amqp.close)
-        deps = build_deps(settings, lookup=lookup, publisher=amqp.publisher, acker=amqp)
+        requester = await amqp.requester()
+        known = KnownBatcher(partial(requester.request, topology.KNOWN), settings.known_timeout)
+        deps = build_deps(
+            settings, lookup=lookup, publisher=amqp.publisher, acker=amqp, known=known
+        )
         try:
             # Commands first: with a backlog, ip.seen deliveries would delay their registration
             # and the timer's geo.flush would find no queue bound yet.
@@ -126,6 +152,12 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 salvage=salvage_ip_seen,  # one typo in a bulk import loses no other address
             )
             await amqp.consume(
+                topology.RESOLVER_LOOKUP,
+                GeoLookupRequest,
+                prefetch=LOOKUP_PREFETCH,
+                request_handler=partial(on_geo_lookup, deps=deps),
+            )
+            await amqp.consume(
                 topology.RESOLVER_RETRY,
                 RetryUnresolved,
                 prefetch=settings.prefetch,
@@ -138,8 +170,9 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             await flush_watchdog(deps, WATCHDOG_INTERVALS * settings.flush_interval, stop)
         finally:
             await amqp.stop_consuming(settings.drain_timeout)
-            if deps.state.background:
-                await asyncio.wait(deps.state.background, timeout=settings.drain_timeout)
+            running = [*deps.state.background, *deps.state.lookups_running]
+            if running:
+                await asyncio.wait(running, timeout=settings.drain_timeout)
             try:
                 rows = await flush(deps, trigger="shutdown")
                 log.info("resolver_final_flush_ran", rows=rows)

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from services.resolver.geo import Geo
+from shared.messages import iso_utc_from_epoch
 
 _MAX_INTERNED = 65_536
 
@@ -33,6 +34,9 @@ class GeoCache:
         self._dirty: dict[str, float] = {}
         self._in_flight: set[str] = set()
         self._negative_until: dict[str, float] = {}
+        # When each answer was obtained: the epoch of a fresh answer (one float object shared by
+        # a delivery's IPs), or a known row's own cached_at text, for geo.lookup replies.
+        self._stamps: dict[str, float | str] = {}
         self._interned: dict[Geo, Geo] = {}
         self._interned_ids: dict[int, Geo] = {}  # id -> the interned object, kept alive
         self.hits = 0
@@ -82,6 +86,7 @@ class GeoCache:
     def put_many(self, answers: Iterable[tuple[str, Geo]], now: float) -> None:
         """``put`` for a batch of answers (one delivery's worth), with the lookups hoisted."""
         entries, dirty, negative = self._entries, self._dirty, self._negative_until
+        stamps = self._stamps
         interned, interned_ids = self._interned, self._interned_ids
         until = now + self.negative_ttl
         for ip, geo in answers:
@@ -93,6 +98,7 @@ class GeoCache:
                 interned_ids[id(geo)] = geo
             entries[ip] = geo
             entries.move_to_end(ip)
+            stamps[ip] = now
             dirty[ip] = now
             if geo.retryable:
                 negative[ip] = until
@@ -100,6 +106,47 @@ class GeoCache:
                 negative.pop(ip, None)
         if len(entries) > self.max_entries:
             self._evict()
+
+    def put_known(self, known: Iterable[tuple[str, Geo, str]]) -> int:
+        """Store answers ``geo_cache`` already holds (ip, answer, its cached_at): cached, but
+        not dirty, since persisting them again would only rewrite their rows. An IP answered
+        meanwhile keeps the newer answer. Returns how many were stored."""
+        entries, stamps = self._entries, self._stamps
+        stored = 0
+        for ip, geo, cached_at in known:
+            held = entries.get(ip)
+            if held is not None and (not held.retryable or self.is_unpersisted(ip)):
+                continue
+            self._negative_until.pop(ip, None)
+            entries[ip] = self._intern(geo)
+            entries.move_to_end(ip)
+            stamps[ip] = cached_at
+            stored += 1
+        if len(entries) > self.max_entries:
+            self._evict()
+        return stored
+
+    def cached_at(self, ip: str) -> str | None:
+        """When the cached answer for ``ip`` was obtained (ISO-8601 UTC), if cached."""
+        stamp = self._stamps.get(ip)
+        if stamp is None or ip not in self._entries:
+            return None
+        return stamp if isinstance(stamp, str) else iso_utc_from_epoch(stamp)
+
+    def peek(self, ip: str) -> Geo | None:
+        """The cached answer (a failure too), without counting a hit or a miss."""
+        return self._entries.get(ip)
+
+    def _intern(self, geo: Geo) -> Geo:
+        interned, interned_ids = self._interned, self._interned_ids
+        if id(geo) in interned_ids:
+            return geo
+        if len(interned) >= _MAX_INTERNED:
+            interned.clear()
+            interned_ids.clear()
+        geo = interned.setdefault(geo, geo)
+        interned_ids[id(geo)] = geo
+        return geo
 
     def is_unpersisted(self, ip: str) -> bool:
         """Whether the answer for ``ip`` has not yet been confirmed by the broker downstream."""
@@ -134,6 +181,7 @@ class GeoCache:
                 self._negative_until.pop(ip, None)
                 if geo is not None and not self.is_unpersisted(ip):
                     del self._entries[ip]
+                    self._stamps.pop(ip, None)
                 out.append(ip)
         return out
 
@@ -148,4 +196,5 @@ class GeoCache:
                 budget -= 1
                 continue
             self._negative_until.pop(ip, None)
+            self._stamps.pop(ip, None)
             self.evictions += 1

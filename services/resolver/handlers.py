@@ -19,6 +19,7 @@ import structlog
 
 from services.resolver.cache import DirtyEntry, GeoCache
 from services.resolver.geo import FAILED, NOT_GLOBAL, Geo
+from services.resolver.known import KnownBatcher, known_answers
 from services.resolver.lookup import GeoLookup
 from shared import topology
 from shared.ipnorm import is_routable
@@ -26,6 +27,7 @@ from shared.messages import (
     MAX_ROWS_PER_UPSERT,
     FlushDirty,
     IpSeen,
+    Resolution,
     RetryUnresolved,
     iso_utc_from_epoch,
 )
@@ -45,6 +47,9 @@ class ResolverState:
     flushes: int = 0
     rows_flushed: int = 0
     lookups: int = 0
+    lookup_requests: int = 0
+    lookups_pending: int = 0
+    lookups_running: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class ResolverDeps:
     hold_limit: int
     flush_max_dirty: int
     announce_resolved: bool = True
+    known: KnownBatcher | None = None  # asks persistence what geo_cache knows, before providers
     state: ResolverState = field(default_factory=ResolverState)
     log: structlog.typing.FilteringBoundLogger = field(
         default_factory=lambda: structlog.get_logger("resolver")
@@ -66,12 +72,30 @@ class ResolverDeps:
 async def on_ip_seen(event: IpSeen, ticket: Ticket, deps: ResolverDeps) -> None:
     await _wait_for_room(deps)
     ips = event.addresses
-    await _resolve(deps.cache.missing(ips, deps.clock()), deps)
+    await _resolve(await not_known(deps.cache.missing(ips, deps.clock()), deps), deps)
     await _hold_or_ack(ips, ticket, deps)
+
+
+async def not_known(misses: list[str], deps: ResolverDeps) -> list[str]:
+    """The misses geo_cache holds no final answer for; the known ones go into the cache as
+    already persisted (not dirty), so they cost no lookup and no row rewrite."""
+    if deps.known is None or not misses:
+        return misses
+    rows = await deps.known.rows(misses)
+    if not rows:
+        return misses
+    deps.cache.put_known(known_answers(rows))
+    found = {row.ip for row in rows}
+    return [ip for ip in misses if ip not in found]
 
 
 async def on_retry_unresolved(cmd: RetryUnresolved, ticket: Ticket, deps: ResolverDeps) -> None:
     await _wait_for_room(deps)
+    if cmd.refresh:
+        refreshed = await _refresh(cmd.ips, deps)
+        deps.log.info("geo_refresh_ran", tick_id=cmd.tick_id, ips=len(cmd.ips), refreshed=refreshed)
+        await _hold_or_ack(cmd.ips, ticket, deps)
+        return
     again = deps.cache.forget_failures(cmd.ips)
     await _resolve(again, deps)
     deps.log.info("geo_retry_ran", tick_id=cmd.tick_id, ips=len(cmd.ips), looked_up=len(again))
@@ -107,6 +131,23 @@ async def _resolve(ips: Sequence[str], deps: ResolverDeps) -> None:
     deps.cache.put_many(((ip, answers.get(ip, FAILED)) for ip in routable), now)
     if len(routable) < len(ips):
         deps.cache.put_many(((ip, NOT_GLOBAL) for ip in set(ips).difference(routable)), now)
+
+
+async def _refresh(ips: Sequence[str], deps: ResolverDeps) -> int:
+    """Look up answered IPs again; only real answers replace the old ones (a failure, or a
+    provider's "no", keeps the row as it is). Returns how many were answered."""
+    routable = list(dict.fromkeys(ip for ip in ips if is_routable(ip)))
+    if not routable:
+        return 0
+    deps.state.lookups += len(routable)
+    try:
+        answers = await deps.lookup.lookup(routable)
+    except Exception as exc:  # the old answers stay
+        deps.log.warning("geo_lookup_failed", ips=len(routable), error=repr(exc))
+        return 0
+    fresh = [(ip, geo) for ip, geo in answers.items() if geo.resolution is Resolution.RESOLVED]
+    deps.cache.put_many(fresh, deps.clock())
+    return len(fresh)
 
 
 async def _hold_or_ack(ips: Sequence[str], ticket: Ticket, deps: ResolverDeps) -> None:

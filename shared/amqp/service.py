@@ -6,6 +6,7 @@ whose dead letter cannot be published; a keeper checks the topology while the se
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
@@ -41,6 +42,7 @@ from shared.amqp.connection import (
 )
 from shared.amqp.keeper import TopologyKeeper, keep_topology, own_bindings
 from shared.amqp.lock import LeaderLock
+from shared.amqp.requests import Requester, publish_reply
 from shared.deadletters import dead_letter_headers
 from shared.decode import decode
 from shared.errors import Rejected, ServiceFault, TopologyLost, Transient
@@ -126,6 +128,10 @@ class AmqpPublisher:
         self._exchange = exchange
         self._dead_letters = dead_letters
         self._timeout = timeout
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
 
     @classmethod
     async def create(
@@ -214,6 +220,7 @@ class AmqpTicket:
 
 
 Handler = Callable[[M], Awaitable[None]]
+RequestHandler = Callable[[M], Awaitable[bytes]]  # returns the reply's body
 DeferredHandler = Callable[[M, AmqpTicket], Awaitable[None]]
 Salvager = Callable[[bytes], Salvage | None]
 
@@ -232,6 +239,9 @@ class Consumer(Generic[M]):
     routing_keys: frozenset[str]  # exact binding keys: anything else arrived by CC/BCC or by name
     route: str  # what the queue is for: its dead letters' routing key on bangui.dlx
     salvage: Salvager | None = None  # keeps the valid part of a message that is partly bad
+    request_handler: RequestHandler[M] | None = None  # answers at the delivery's reply_to
+    reply_channel: AbstractChannel | None = None
+    replied: int = 0
     consumed: int = 0
     partly_dead_lettered: int = 0
     dead_lettered: int = 0
@@ -306,6 +316,9 @@ class Consumer(Generic[M]):
                 raise Rejected(
                     f"routing key {message.routing_key!r} is not bound to {self.queue.name}"
                 )
+            if self.request_handler is not None:
+                await self._answer(message)
+                return
             model = await self._decode(message)
             if self.deferred_handler is not None:
                 await self.deferred_handler(model, AmqpTicket(message, self))
@@ -332,6 +345,39 @@ class Consumer(Generic[M]):
                 await self._settle(message, requeue=True)
         else:
             await self._settle(message)
+
+    async def _answer(self, message: AbstractIncomingMessage) -> None:
+        """A request: the reply (or ``{"error": ...}`` for a malformed one) goes to its
+        ``reply_to`` before the ack; without a ``reply_to`` nobody could read an answer, so it
+        is dead-lettered like any malformed message."""
+        assert self.request_handler is not None
+        assert self.reply_channel is not None
+        if not message.reply_to:
+            try:
+                decode(self.model, message.body, self.max_bytes)
+            except Rejected as exc:
+                raise Rejected(f"{exc.reason} (and no reply_to to answer)") from None
+            raise Rejected("a request needs a reply_to property to be answered")
+        try:
+            model = decode(self.model, message.body, self.max_bytes)
+        except Rejected as exc:
+            log.warning("request_refused", queue=self.queue.name, reason=exc.reason)
+            reply = json.dumps({"error": exc.reason}).encode()
+        else:
+            try:
+                reply = await self.request_handler(model)
+            except Exception as exc:
+                # The requester waits a bounded time and falls back; a retry or a dead letter
+                # would only answer someone who stopped waiting.
+                log.warning("request_unanswered", queue=self.queue.name, error=repr(exc)[:300])
+                await self._settle(message)
+                return
+        try:
+            await publish_reply(self.reply_channel, message, reply, self.publisher.timeout)
+        except (TimeoutError, AMQPConnectionError, ChannelInvalidStateError) as exc:
+            raise Transient(f"reply to {message.reply_to} not confirmed: {exc!r}") from exc
+        self.replied += 1
+        await self._settle(message)
 
     async def _decode(self, message: AbstractIncomingMessage) -> M:
         """The model of the message; for a partly bad one that ``salvage`` can split, the
@@ -456,6 +502,7 @@ class Amqp:
     _channels: list[AbstractChannel] = field(default_factory=list)
     _keeping: asyncio.Task[None] | None = None
     _leader_lock: LeaderLock = field(default_factory=LeaderLock)
+    _requesters: list[Requester] = field(default_factory=list)
 
     @classmethod
     async def open(cls, settings: Settings, *, service: str, stop: asyncio.Event) -> Amqp:
@@ -499,10 +546,12 @@ class Amqp:
         handler: Handler[M] | None = None,
         deferred_handler: DeferredHandler[M] | None = None,
         salvage: Salvager | None = None,
+        request_handler: RequestHandler[M] | None = None,
     ) -> Consumer[M]:
         """Start consuming ``spec`` on a channel of its own (so acks and prefetch are per queue).
         ``salvage`` splits a rejected body into a valid part to handle and a part to
-        dead-letter (``shared.salvage``)."""
+        dead-letter (``shared.salvage``); ``request_handler`` answers each delivery at its
+        ``reply_to`` (``shared.amqp.requests``)."""
         bindings = own_bindings(spec.name, spec.routing_keys)
         await self.keeper.ensure_bindings(bindings)  # restored at once if one was deleted
         self.keeper.own.extend(bindings)
@@ -510,7 +559,15 @@ class Amqp:
         self._channels.append(channel)
         queue = await channel.get_queue(spec.name, ensure=True)
         return await self._start(
-            queue, spec.routing_keys, spec.route, model, handler, deferred_handler, salvage
+            queue,
+            spec.routing_keys,
+            spec.route,
+            model,
+            handler,
+            deferred_handler,
+            salvage,
+            request_handler,
+            channel,
         )
 
     async def consume_private(
@@ -542,6 +599,8 @@ class Amqp:
         handler: Handler[M] | None,
         deferred_handler: DeferredHandler[M] | None,
         salvage: Salvager | None = None,
+        request_handler: RequestHandler[M] | None = None,
+        reply_channel: AbstractChannel | None = None,
     ) -> Consumer[M]:
         consumer = Consumer(
             self.service,
@@ -554,6 +613,8 @@ class Amqp:
             frozenset(routing_keys),
             route,
             salvage,
+            request_handler,
+            reply_channel,
         )
         await consumer.start()
         self.consumers.append(consumer)
@@ -615,6 +676,12 @@ class Amqp:
         """
         return await self._leader_lock.attempt(self.connection, lock_name)
 
+    async def requester(self) -> Requester:
+        """A request/reply sender over direct reply-to, closed with the service."""
+        requester = await Requester.open(self.connection)
+        self._requesters.append(requester)
+        return requester
+
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time the robust connection has been restored."""
         self.connection.reconnect_callbacks.add(lambda *_: callback())
@@ -629,6 +696,8 @@ class Amqp:
         if self._keeping is not None:
             self._keeping.cancel()
             await asyncio.gather(self._keeping, return_exceptions=True)
+        for requester in self._requesters:
+            await requester.close()
         await self.publisher.close()
         with suppress(Exception):  # best effort, as for the channels: the connection goes next
             await self._leader_lock.close()

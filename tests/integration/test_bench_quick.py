@@ -34,6 +34,12 @@ FIGURES = (
     "agent_backfill",
     "agent_ban_delay_p50",
     "agent_ban_delay_p99",
+    "lookup_p50",
+    "lookup_p99",
+    "lookup_concurrent",
+    "warm_first_served",
+    "warm_all_known",
+    "warm_resolver_rss",
 )
 LABELS = r"(PASS|MISS|INFO|not measured \(stand-in not available\))"
 

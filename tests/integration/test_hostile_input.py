@@ -71,7 +71,8 @@ async def test_every_kind_of_hostile_message_is_dead_lettered(
         assert "at most 1000" in reasons[HOSTILE_IP_SEEN["a 50,000-entry list"]]
         assert len(reasons[HOSTILE_IP_SEEN["a 100 kB string"]]) < 600  # not echoed back whole
         keys = {str(h["x-geo-original-routing-key"]) for _, h in collected}
-        assert keys == {"ip.seen", "geo.upsert", "geo.retry", "geo.flush", "geo.re_resolve"}
+        routes = {"ip.seen", "geo.upsert", "geo.retry", "geo.flush", "geo.re_resolve"}
+        assert keys == {*routes, "geo.lookup", "geo.known"}
 
         await async_poll(
             lambda: (

@@ -40,7 +40,16 @@ from tests.integration.support import (
 
 pytestmark = pytest.mark.integration
 
-KEYS = ("ip.seen", "geo.flush", "geo.re_resolve", "geo.upsert", "geo.retry", "ip.resolved")
+KEYS = (
+    "ip.seen",
+    "geo.flush",
+    "geo.re_resolve",
+    "geo.upsert",
+    "geo.retry",
+    "ip.resolved",
+    "geo.lookup",
+    "geo.known",
+)
 
 
 async def test_each_service_runs_the_pipeline_with_its_own_user(
@@ -87,8 +96,8 @@ async def test_each_service_runs_the_pipeline_with_its_own_user(
 
 async def test_each_user_publishes_only_its_own_routing_keys(deployment: Deployment) -> None:
     may_publish = {
-        PUBLISHER: {"ip.seen"},
-        "geo-resolver": {"geo.upsert", "ip.resolved"},
+        PUBLISHER: {"ip.seen", "geo.lookup"},
+        "geo-resolver": {"geo.upsert", "ip.resolved", "geo.known"},
         "geo-timer": {"geo.flush", "geo.re_resolve"},
         "geo-persistence": {"geo.retry"},
     }
@@ -331,6 +340,34 @@ def deleting_exchange(name: str) -> Callable[[AbstractChannel], Any]:
     return action
 
 
+def replying(channel: AbstractChannel) -> Any:
+    """Publish on the default exchange, as an answer to a request's reply_to is."""
+
+    async def action(channel: AbstractChannel) -> None:
+        message = aio_pika.Message(b"{}", correlation_id="c1")
+        await channel.default_exchange.publish(message, routing_key="geo.gone", mandatory=False)
+
+    return action(channel)
+
+
+def asking(key: str) -> Callable[[AbstractChannel], Any]:
+    """Consume direct reply-to and publish a request with it, as GeoClient does."""
+
+    async def action(channel: AbstractChannel) -> None:
+        pseudo = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
+        tag = await pseudo.consume(_ignore, no_ack=True)
+        target = await channel.get_exchange("bangui", ensure=False)
+        message = aio_pika.Message(b"{}", reply_to="amq.rabbitmq.reply-to", expiration=1)
+        await target.publish(message, routing_key=key, mandatory=False)
+        await pseudo.cancel(tag)
+
+    return action
+
+
+async def _ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    del message
+
+
 UPSERT_ARGUMENTS = {"x-dead-letter-exchange": "bangui.dlx", "x-single-active-consumer": True}
 # The README's rows, in its order (destructive ones last: the admin really does them).
 ACTIONS: dict[str, Callable[[AbstractChannel], Any]] = {
@@ -340,10 +377,15 @@ ACTIONS: dict[str, Callable[[AbstractChannel], Any]] = {
     "publish `geo.flush` on `bangui`": publishing("bangui", "geo.flush"),
     "publish `geo.re_resolve` on `bangui`": publishing("bangui", "geo.re_resolve"),
     "publish `geo.retry` on `bangui`": publishing("bangui", "geo.retry"),
+    "publish `geo.known` on `bangui`": publishing("bangui", "geo.known"),
+    "ask `geo.lookup` with direct reply-to": asking("geo.lookup"),
+    "publish a reply on the default exchange": replying,
     "publish `ip.seen` on `bangui.dlx`": publishing("bangui.dlx", "ip.seen"),
     "publish `geo.upsert` on `bangui.dlx`": publishing("bangui.dlx", "geo.upsert"),
     "consume `geo.resolver.ip_seen`": consuming("geo.resolver.ip_seen"),
     "consume `geo.persistence.upsert`": consuming("geo.persistence.upsert"),
+    "consume `geo.resolver.lookup`": consuming("geo.resolver.lookup"),
+    "consume `geo.persistence.known`": consuming("geo.persistence.known"),
     "consume `geo.dead_letter`": consuming("geo.dead_letter"),
     "take the lock `geo.timer.leader`": taking("geo.timer.leader"),
     "declare a queue `geo.resolver.flush.<host>.<pid>`": taking("geo.resolver.flush.table.1"),

@@ -239,3 +239,48 @@ async def test_only_failed_rows_are_unresolved(repository: GeoRepository) -> Non
         ]
     )
     assert await repository.unresolved_ips() == ["9.9.9.9"]
+
+
+async def test_known_rows_are_the_final_answers_asked_for(
+    repository: GeoRepository, store: Store
+) -> None:
+    final = [
+        row("8.8.8.8", "US", minutes=3),
+        row("10.0.0.1", None, resolution=Resolution.NOT_GLOBAL),
+        row("192.0.2.1", None, resolution=Resolution.REJECTED),
+    ]
+    await repository.upsert_many([*final, row("9.9.9.9", None), row("1.1.1.1", "DE")])
+    asked = ["8.8.8.8", "9.9.9.9", "10.0.0.1", "192.0.2.1", "203.0.113.9", "8.8.8.8"]
+    found = await repository.known_rows(asked)
+    assert sorted(found) == sorted(final)  # failed, unknown and not-asked rows left out
+    assert {r.ip: r for r in found}["8.8.8.8"] == final[0]  # every field as stored
+    assert await repository.known_rows(["203.0.113.9"]) == []
+    many = [f"11.{i // 250}.{i % 250}.1" for i in range(1000)]
+    await repository.upsert_many([row(ip) for ip in many])
+    assert len(await repository.known_rows(many)) == 1000  # more than one statement's chunk
+
+
+async def test_the_original_tables_rows_are_not_known(store: Store) -> None:
+    store.legacy()
+    repo: GeoRepository = await store.open()
+    try:  # no resolution recorded: re-resolve's business, not an answer to serve
+        assert await repo.known_rows(["8.8.8.8", "9.9.9.9"]) == []
+    finally:
+        await repo.close()
+
+
+async def test_stale_rows_are_resolved_ones_oldest_first(repository: GeoRepository) -> None:
+    await repository.upsert_many(
+        [
+            row("8.8.8.8", "US", minutes=5),
+            row("1.1.1.1", "US", minutes=1),
+            row("9.9.9.9", "DE", minutes=3),
+            row("4.4.4.4", "US", minutes=30),
+            row("2.2.2.2", None, minutes=0),
+            row("10.0.0.1", None, minutes=0, resolution=Resolution.NOT_GLOBAL),
+        ]
+    )
+    cutoff = iso_utc(T0 + timedelta(minutes=10))
+    assert await repository.stale_ips(cutoff, 2) == ["1.1.1.1", "9.9.9.9"]
+    assert await repository.stale_ips(cutoff, 10) == ["1.1.1.1", "9.9.9.9", "8.8.8.8"]
+    assert await repository.stale_ips(iso_utc(T0), 10) == []

@@ -22,7 +22,7 @@ from shared.decode import decode
 from shared.errors import Rejected
 from shared.ipnorm import normalize_ip
 from shared.ipschema import IP_PATTERN
-from tests.hostile_bodies import EDGE_IP_SEEN, HOSTILE_ELSEWHERE, HOSTILE_IP_SEEN
+from tests.hostile_bodies import EDGE_IP_SEEN, EDGE_LOOKUP, HOSTILE_ELSEWHERE, HOSTILE_IP_SEEN
 
 REPO = Path(__file__).resolve().parents[2]
 ASYNCAPI = REPO / "asyncapi.yaml"
@@ -87,9 +87,12 @@ def test_each_route_says_who_sends_and_who_receives(doc: dict[str, Any]) -> None
         topology.UPSERT,
         topology.RETRY,
         topology.RESOLVED,
+        topology.LOOKUP,
+        topology.KNOWN,
     }
     channels = doc["channels"]
-    assert {channel["address"] for channel in channels.values()} == keys
+    # Reply channels have no address of their own: the request's reply_to says where.
+    assert {channel["address"] for channel in channels.values()} == {*keys, None}
     operations = doc["operations"].values()
     for route in ROUTES:
         channel = channels[route.channel_id]
@@ -104,6 +107,14 @@ def test_each_route_says_who_sends_and_who_receives(doc: dict[str, Any]) -> None
         assert sorted(op["action"] for op in mine) == ["receive", "send"]
         sender = next(op for op in mine if op["action"] == "send")
         assert sender["summary"].startswith(route.senders)
+    lookup = doc["operations"]["send_geoLookup"]["reply"]
+    assert lookup["address"]["location"] == "$message.header#/reply_to"
+    assert lookup["channel"] == {"$ref": "#/channels/geoLookupReply"}
+    replies = {m["$ref"].rsplit("/", 1)[1] for m in lookup["messages"]}
+    assert replies == {"GeoLookupReply", "RequestError"}
+    assert doc["components"]["messages"]["GeoLookupRequest"]["correlationId"]["location"] == (
+        "$message.header#/correlation_id"
+    )
     ip_seen = channels["ipSeen"]["description"]
     assert "Public" in ip_seen
     assert "other BanGUI components" in ip_seen
@@ -120,6 +131,8 @@ def test_servers_and_vhost_are_the_compose_broker(doc: dict[str, Any]) -> None:
     assert doc["servers"]["compose"]["host"] == "rabbitmq:5672"
     assert doc["servers"]["compose"]["pathname"] == f"/{vhost}"
     for channel in doc["channels"].values():
+        if channel["address"] is None:  # replies: the default exchange, at the reply_to
+            continue
         exchange = channel["bindings"]["amqp"]["exchange"]
         assert (exchange["name"], exchange["vhost"]) == ("bangui", vhost)
 
@@ -153,12 +166,14 @@ def bodies() -> list[tuple[str, str, bytes]]:
     out = [(label, topology.IP_SEEN, body) for label, body in HOSTILE_IP_SEEN.items()]
     out += [(label, key, body) for label, (key, body) in HOSTILE_ELSEWHERE.items()]
     out += [(label, topology.IP_SEEN, body) for label, (body, _) in EDGE_IP_SEEN.items()]
+    out += [(label, topology.LOOKUP, body) for label, body in EDGE_LOOKUP.items()]
     return [entry for entry in out if len(entry[2]) <= MAX_BYTES]
 
 
 def test_the_schemas_refuse_exactly_what_the_services_refuse(doc: dict[str, Any]) -> None:
     judged = bodies()
-    assert len(judged) == len(HOSTILE_IP_SEEN) + len(HOSTILE_ELSEWHERE) + len(EDGE_IP_SEEN) - 1
+    edges = len(EDGE_IP_SEEN) + len(EDGE_LOOKUP)
+    assert len(judged) == len(HOSTILE_IP_SEEN) + len(HOSTILE_ELSEWHERE) + edges - 1
     disagreements = [
         (label, key, service_verdict(key, body), schema_verdict(doc, key, body))
         for label, key, body in judged
@@ -168,6 +183,10 @@ def test_the_schemas_refuse_exactly_what_the_services_refuse(doc: dict[str, Any]
     # And each edge case is judged as its label says, so agreement is not agreement on nonsense.
     for label, (body, accepted) in EDGE_IP_SEEN.items():
         assert service_verdict(topology.IP_SEEN, body) is accepted, label
+    for label, body in EDGE_LOOKUP.items():
+        assert service_verdict(topology.LOOKUP, body), label
+    for label, (key, body) in HOSTILE_ELSEWHERE.items():
+        assert not service_verdict(key, body), label
 
 
 def test_the_readme_example_body_is_accepted_by_both(doc: dict[str, Any]) -> None:

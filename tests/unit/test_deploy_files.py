@@ -629,15 +629,21 @@ async def test_definitions_declare_exactly_the_topology_the_code_declares(
 # What each user does on the broker, from the contract (README) and the services' bootstrap.
 FLUSH_QUEUE = f"{topology.RESOLVER_FLUSH_PREFIX}3f9c2a1b7d4e.17"  # host.pid, one per replica
 PUBLISHES = {
-    "geo-resolver": {topology.UPSERT, topology.RESOLVED},
+    "geo-resolver": {topology.UPSERT, topology.RESOLVED, topology.KNOWN},
     "geo-timer": {topology.FLUSH, topology.RE_RESOLVE},
     "geo-persistence": {topology.RETRY},
-    PUBLISHER: {topology.IP_SEEN},
+    PUBLISHER: {topology.IP_SEEN, topology.LOOKUP},
 }
+# Who answers requests: replies go to the default exchange (``amq.default`` for permissions).
+ANSWERS = {"geo-resolver", "geo-persistence"}
 CONSUMES: dict[str, list[topology.QueueSpec]] = {
-    "geo-resolver": [topology.RESOLVER_IP_SEEN, topology.RESOLVER_RETRY],
+    "geo-resolver": [topology.RESOLVER_IP_SEEN, topology.RESOLVER_RETRY, topology.RESOLVER_LOOKUP],
     "geo-timer": [],
-    "geo-persistence": [topology.PERSISTENCE_UPSERT, topology.PERSISTENCE_RE_RESOLVE],
+    "geo-persistence": [
+        topology.PERSISTENCE_UPSERT,
+        topology.PERSISTENCE_RE_RESOLVE,
+        topology.PERSISTENCE_KNOWN,
+    ],
     PUBLISHER: [],
 }
 PRIVATE_QUEUES = {"geo-resolver": FLUSH_QUEUE, "geo-timer": topology.TIMER_LEADER_QUEUE}
@@ -656,7 +662,9 @@ def required_permissions(user: str) -> dict[str, set[str]]:
     if PUBLISHES[user]:
         need["write"].add(topology.EXCHANGE)  # basic.publish
     if user == PUBLISHER:
-        return need  # publishes only: no declaring, no binding, no consuming
+        return need  # publishes only (replies come by direct reply-to): nothing else
+    if user in ANSWERS:
+        need["write"].add("amq.default")
     consumed = {spec.name for spec in CONSUMES[user]}
     need["write"] |= consumed  # queue.bind of its own queues writes to them...
     need["read"] |= consumed  # ...basic.consume reads them...
