@@ -19,6 +19,21 @@ from shared import topology
 Writer = Literal["broker", "service", "unknown"]
 
 
+MAX_COPIED_HEADER_BYTES = 16_384
+DROPPED_HEADERS = "x-geo-dropped-headers"
+
+
+def _approximate_size(value: object) -> int:
+    """About how many bytes ``value`` takes in an AMQP field table (never less)."""
+    if isinstance(value, Mapping):
+        return sum(len(str(k)) + 8 + _approximate_size(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(8 + _approximate_size(v) for v in value)
+    if isinstance(value, bytes | bytearray):
+        return len(value) + 8
+    return len(str(value).encode("utf-8", "replace")) + 8
+
+
 def dead_letter_headers(
     incoming: Mapping[str, object] | None,
     *,
@@ -34,6 +49,11 @@ def dead_letter_headers(
         for name, value in (incoming or {}).items()
         if not name.lower().startswith(topology.UNTRUSTED_HEADER_PREFIXES)
     }
+    size = _approximate_size(kept)
+    if size > MAX_COPIED_HEADER_BYTES:
+        # A publisher's headers sized near the broker's frame limit would push our copy over it,
+        # and the broker closes the whole connection on an oversized frame: drop them, say so.
+        kept = {DROPPED_HEADERS: f"{len(kept)} headers of about {size} bytes"}
     kept.update(
         {
             topology.REASON_HEADER: reason,
@@ -121,7 +141,10 @@ def dead_letter_from(
         queue = _text(death.get("queue"))
         route = topology.route_of_queue(queue) if queue else None
         why = _text(death.get("reason"))
-        refusal = _refusal(route, queue, None)
+        # The broker dead-letters under the routing key the message was published with, which a
+        # publisher's topic permission bounds: a CC/BCC copy that expired in another route's
+        # queue still carries its own key (e.g. ip.seen in geo.persistence.upsert).
+        refusal = _refusal(route, queue, routing_key or None)
         return DeadLetter(
             body=body,
             routing_key=routing_key,

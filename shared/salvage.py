@@ -62,7 +62,7 @@ def salvage_ip_seen(body: bytes) -> Salvage | None:
     reason += details
     if len(reason) > _MAX_REASON:
         reason = reason[: _MAX_REASON - 3] + "..."
-    return Salvage(seen, json.dumps(rejected).encode(), reason, len(bad))
+    return Salvage(seen, json.dumps(rejected, ensure_ascii=False).encode(), reason, len(bad))
 
 
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -230,6 +230,12 @@ def redacted(url: str) -> str:
 def _refused(exc: BaseException, url: str) -> str:
     if isinstance(exc, ProbableAuthenticationError):
         user = unquote(urlsplit(url).username or "guest")
+        if "@" in user:
+            # 'amqp://geo@S3cr3t@host': an '@' typed for ':' puts the password in the name.
+            return (
+                f"the broker refused the login of user {user.partition('@')[0]!r}... (the user "
+                "part holds an '@': write user:password, and percent-encode an '@' as %40)"
+            )
         return f"the broker refused the login of user {user!r} (wrong user or password)"
     vhost = unquote(urlsplit(url).path[1:]) or "/"
     return f"the broker refused vhost {vhost!r} (it does not exist, or the user may not use it)"

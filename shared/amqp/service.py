@@ -60,6 +60,18 @@ TRANSIENT_BACKOFF = 1.0
 # deliveries until a flush, and its watchdog may take two periods of 3 intervals), is stuck.
 STUCK_AFTER_MIN_S = 120.0
 STUCK_AFTER_FLUSHES = 7
+
+
+def stuck_after(settings: Settings) -> float:
+    """How long a held delivery may wait before /health calls its consumer stuck: seven flush
+    intervals, at least two minutes, and longer than an IP may queue for ip-api (a rate-limited
+    backlog is slow, not stuck)."""
+    bound = max(STUCK_AFTER_MIN_S, STUCK_AFTER_FLUSHES * settings.flush_interval)
+    if "ip-api" in (part.strip() for part in settings.provider.split(",")):
+        bound = max(bound, settings.ipapi_max_wait + 2 * settings.flush_interval)
+    return bound
+
+
 DEAD_LETTER_FAILING_S = 300.0  # /health reports a failed dead letter for this long
 
 
@@ -386,7 +398,9 @@ class Consumer(Generic[M]):
         try:
             return decode(self.model, message.body, self.max_bytes)
         except Rejected:
-            part = None if self.salvage is None else self.salvage(message.body)
+            if self.salvage is None or len(message.body) > self.max_bytes:
+                raise  # a body over the limit is never read, partly or whole
+            part = self.salvage(message.body)
             if part is None or not isinstance(part.kept, self.model):
                 raise
             try:
@@ -526,7 +540,7 @@ class Amqp:
             settings.max_message_bytes,
             keeper,
             stop,
-            max(STUCK_AFTER_MIN_S, STUCK_AFTER_FLUSHES * settings.flush_interval),
+            stuck_after(settings),
         )
         wake = asyncio.Event()
         connection.reconnect_callbacks.add(lambda *_: wake.set())

@@ -288,3 +288,69 @@ async def test_a_cc_or_bcc_copy_keeps_the_routing_key_it_was_published_with(
     finally:
         await connection.close()
     assert got == dict.fromkeys(queues, ("ip.seen", {"CC": ["geo.upsert"]}))
+
+
+async def test_a_cc_copy_that_expires_in_the_upsert_queue_is_never_replayed(
+    deployment: Deployment,
+) -> None:
+    # No persistence runs: the CC'd copy expires in geo.persistence.upsert and the broker
+    # dead-letters it naming that queue; it still carries the key it was published with.
+    body = json.dumps(PLANTED).encode()
+    await send(
+        deployment.url(PUBLISHER),
+        "ip.seen",
+        [body],
+        headers={"CC": ["geo.upsert"]},
+        expiration=0.001,
+    )
+    admin = deployment.url(ADMIN)
+
+    async def both_dead_lettered() -> bool:
+        details = await queue_details(deployment.admin, admin, "geo.dead_letter")
+        return details.get("messages") == 2  # the ip_seen copy and the upsert copy
+
+    await async_poll(both_dead_lettered, deadline_s=15, what="both expired copies dead-lettered")
+    connection = await connect_once(admin, connect_timeout=5)
+    try:
+        _, letters = await peek_dead_letters(connection, limit=10)
+        by_queue = {letter.original_queue: letter for letter in letters}
+        upsert = by_queue["geo.persistence.upsert"]
+        assert upsert.refusal is not None
+        assert "as ip.seen" in upsert.refusal
+        _, outcomes = await replay_dead_letters(connection, confirm_timeout=5, limit=10)
+    finally:
+        await connection.close()
+    notes = sorted((o.letter.original_queue or "", o.replayed) for o in outcomes)
+    assert notes == [("geo.persistence.upsert", False), ("geo.resolver.ip_seen", True)]
+    assert await ready_count(admin, "geo.persistence.upsert") == 0  # nothing planted
+    assert await ready_count(admin, "geo.dead_letter") == 1  # the upsert copy is kept
+
+
+async def test_headers_near_the_frame_limit_do_not_take_a_service_off_the_broker(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    # A publisher's headers sized just under the broker's frame limit: the dead-letter copy
+    # must not grow past it (the broker would close the whole connection, again and again).
+    persistence = start_persistence(deployment, tmp_path)
+    try:
+        await wait_ready(persistence)
+        pad = "A" * 130_950  # the publish itself fits a frame; the copy plus ours would not
+        await send(
+            deployment.url(PUBLISHER),
+            "ip.seen",
+            [b'{"ip": "nope"}'],
+            headers={"pad": pad, "CC": ["geo.upsert"]},
+        )
+        await async_poll(
+            lambda: settled(deployment, "geo.persistence.upsert"),
+            deadline_s=20,
+            what="the copy settled in geo.persistence.upsert",
+        )
+        (letter,) = await drain_queue(deployment.url(ADMIN), "geo.dead_letter")
+        headers = dict(letter.headers or {})
+        assert "pad" not in headers
+        assert str(headers["x-geo-dropped-headers"]).startswith("1 headers of about ")
+        assert not events(persistence, "amqp_connection_lost")
+        assert persistence.running
+    finally:
+        assert persistence.stop() == 0

@@ -27,7 +27,7 @@ def test_the_brokers_newest_death_decides_and_forged_headers_are_ignored() -> No
         **FORGED,
         "x-death": [death("geo.resolver.ip_seen"), death("geo.persistence.upsert")],
     }
-    letter = dead_letter_from(b"{}", "geo.upsert", headers)
+    letter = dead_letter_from(b"{}", "ip.seen", headers)  # the key it was published with
     assert (letter.written_by, letter.replay_key, letter.original_queue) == (
         "broker",
         "ip.seen",  # the queue's route, not the entry's routing-keys
@@ -38,17 +38,19 @@ def test_the_brokers_newest_death_decides_and_forged_headers_are_ignored() -> No
 
 
 @pytest.mark.parametrize(
-    ("queue", "refusal"),
+    ("queue", "key", "refusal"),
     [
-        ("geo.other", "kept: from geo.other, not a queue of ours"),
-        ("geo.persistence.re_resolve", "kept: geo.re_resolve is not replayed"),
-        ("geo.resolver.flush.web-1.17", "kept: geo.flush is not replayed"),
+        ("geo.other", "x", "kept: from geo.other, not a queue of ours"),
+        ("geo.persistence.re_resolve", "geo.re_resolve", "kept: geo.re_resolve is not replayed"),
+        ("geo.resolver.flush.web-1.17", "geo.flush", "kept: geo.flush is not replayed"),
+        # A CC copy of a publisher's ip.seen that expired in the upsert queue.
+        ("geo.persistence.upsert", "ip.seen", "kept: it reached geo.persistence.upsert as ip.seen"),
     ],
 )
 def test_broker_dead_letters_from_elsewhere_or_of_commands_are_kept(
-    queue: str, refusal: str
+    queue: str, key: str, refusal: str
 ) -> None:
-    letter = dead_letter_from(b"{}", "x", {"x-death": [death(queue)]})
+    letter = dead_letter_from(b"{}", key, {"x-death": [death(queue)]})
     assert letter.refusal is not None
     assert letter.refusal.startswith(refusal)
 
