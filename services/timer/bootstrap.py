@@ -9,6 +9,7 @@ to find a standby leading, and steps down to standby itself.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -63,10 +64,15 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 re_resolve_interval=settings.re_resolve_interval,
             )
             term_over = asyncio.Event()
+            # One anchor for every cadence: re-resolve tick k is due exactly k of its intervals
+            # after the flush cadence's start, not a millisecond later.
+            anchor = (time.monotonic(), time.time())
             async with asyncio.TaskGroup() as group:
                 for cadence in cadences(settings):
                     group.create_task(
-                        tick_forever(cadence, amqp.publisher, term_over, status.published)
+                        tick_forever(
+                            cadence, amqp.publisher, term_over, status.published, anchor=anchor
+                        )
                     )
                 lost = await hold_lead(amqp, stop, reconnected, log)
                 term_over.set()

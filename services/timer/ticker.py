@@ -38,10 +38,12 @@ async def tick_forever(
     *,
     monotonic: Callable[[], float] = time.monotonic,
     wall: Callable[[], float] = time.time,
+    anchor: tuple[float, float] | None = None,
 ) -> int:
-    """Publish ``cadence``'s command at each due tick until ``stop``; returns ticks published."""
+    """Publish ``cadence``'s command at each due tick until ``stop``; returns ticks published.
+    ``anchor`` (monotonic, wall) is the start the ticks count from, shared by the cadences."""
     log = structlog.get_logger("timer")
-    start_mono, start_wall = monotonic(), wall()
+    start_mono, start_wall = anchor if anchor is not None else (monotonic(), wall())
     last = 0
     published = 0
     tally = TickTally()

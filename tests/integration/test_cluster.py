@@ -135,6 +135,19 @@ async def test_stopping_the_node_the_services_use_loses_nothing(
         # The writer must be back on its queues first: a standby registering before it would
         # rightly be handed them (single active consumer), and the check below would not hold.
         await logged(services["persistence"], "amqp_connection_restored", "writer back", 20)
+
+        def writer_consuming() -> bool:
+            listed = b.ctl("list_queues", "name", "consumers", "--formatter", "json")
+            consumers = {q["name"]: int(q["consumers"] or 0) for q in json.loads(listed)}
+            return all(
+                consumers.get(name, 0) >= 1
+                for name in ("geo.persistence.upsert", "geo.persistence.re_resolve")
+            )
+
+        # Restored means connected; its consumers come back a moment later.
+        await async_poll(
+            lambda: asyncio.to_thread(writer_consuming), deadline_s=20, what="writer consuming"
+        )
         # A service started now tries the list in order and connects to the next node.
         standby = ServiceProcess("persistence", env, tmp_path / "persistence-2.log").start()
         services["persistence-2"] = standby
