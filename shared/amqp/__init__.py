@@ -17,7 +17,6 @@ from shared.amqp.connection import (
     PublishFailed,
     connect,
     connect_once,
-    declare_topology,
     open_channel,
     redacted,
 )
@@ -28,6 +27,7 @@ from shared.amqp.deadletters import (
     purge_dead_letters,
     replay_dead_letters,
 )
+from shared.amqp.keeper import declare_topology
 from shared.amqp.publisher import AmqpPublisher, ExchangePublisher
 from shared.amqp.service import Amqp, AmqpTicket, Consumer
 from shared.deadletters import DeadLetter, dead_letter_from
