@@ -21,7 +21,7 @@ import structlog
 from services.timer.leadership import hold_lead, wait_to_lead
 from services.timer.ticker import Cadence, tick_forever
 from shared import topology
-from shared.amqp import Amqp
+from shared.amqp import Amqp, amqp_config
 from shared.messages import FlushDirty, ReResolveStale
 from shared.metrics import MetricsRegistry, serve_metrics
 from shared.settings import Settings
@@ -45,7 +45,7 @@ def _re_resolve(tick_id: str, issued_at: object) -> ReResolveStale:
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     log = structlog.get_logger("timer")
     async with AsyncExitStack() as resources:  # released in reverse order of acquisition
-        amqp = await Amqp.open(settings, service="timer", stop=stop)
+        amqp = await Amqp.open(amqp_config(settings), service="timer", stop=stop)
         resources.push_async_callback(amqp.close)
         status = TimerStatus()
         metrics = await serve_metrics(settings, timer_metrics(status), amqp.health)

@@ -11,6 +11,7 @@ administration of ``geo.dead_letter``) each hold one part.
 
 from aio_pika.abc import AbstractRobustConnection as BrokerConnection
 
+from shared.amqp.config import AmqpConfig, amqp_config
 from shared.amqp.connection import (
     BrokerError,
     BrokerUnreachable,
@@ -34,6 +35,7 @@ from shared.deadletters import DeadLetter, dead_letter_from
 
 __all__ = [
     "Amqp",
+    "AmqpConfig",
     "AmqpPublisher",
     "AmqpTicket",
     "BrokerConnection",
@@ -45,6 +47,7 @@ __all__ = [
     "PublishFailed",
     "PurgeReport",
     "ReplayOutcome",
+    "amqp_config",
     "connect",
     "connect_once",
     "dead_letter_from",

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import structlog
@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from shared import topology
 from shared.acks import plan_acks
+from shared.amqp.config import STUCK_AFTER_MIN_S, AmqpConfig
 from shared.amqp.connection import (
     close_quietly,
     connect,
@@ -46,29 +47,13 @@ from shared.errors import Rejected, ServiceFault, TopologyLost, Transient
 from shared.metrics import ConsumerHealth, Health, MetricsRegistry, health_of
 from shared.ports import Ticket
 from shared.salvage import Salvage
-from shared.settings import Settings, split_amqp_urls
+from shared.settings import split_amqp_urls
 
 M = TypeVar("M", bound=BaseModel)
 
 log = structlog.get_logger("shared.amqp")
 
 TRANSIENT_BACKOFF = 1.0
-# A delivery held unsettled longer than this, or than 7 flush intervals (the resolver holds
-# deliveries until a flush, and its watchdog may take two periods of 3 intervals), is stuck.
-STUCK_AFTER_MIN_S = 120.0
-STUCK_AFTER_FLUSHES = 7
-
-
-def stuck_after(settings: Settings) -> float:
-    """How long a held delivery may wait before /health calls its consumer stuck: seven flush
-    intervals, at least two minutes, and longer than an IP may queue for ip-api (a rate-limited
-    backlog is slow, not stuck)."""
-    bound = max(STUCK_AFTER_MIN_S, STUCK_AFTER_FLUSHES * settings.flush_interval)
-    if "ip-api" in (part.strip() for part in settings.provider.split(",")):
-        bound = max(bound, settings.ipapi_max_wait + 2 * settings.flush_interval)
-    return bound
-
-
 DEAD_LETTER_FAILING_S = 300.0  # /health reports a failed dead letter for this long
 
 
@@ -347,6 +332,28 @@ class Consumer(Generic[M]):
             log.warning("ack_skipped", queue=self.queue.name, stale_deliveries=stale)
 
 
+MetricKind = Literal["counter", "gauge"]
+# name, kind, help, how to read it from a consumer: /metrics' per-queue delivery counters.
+CONSUMER_METRICS: tuple[tuple[str, MetricKind, str, Callable[[Consumer[Any]], float]], ...] = (
+    ("geo_messages_consumed_total", "counter", "Deliveries received.", lambda c: c.consumed),
+    ("geo_dead_letters_total", "counter", "Sent to geo.dead_letter.", lambda c: c.dead_lettered),
+    (
+        "geo_dead_letter_failures_total",
+        "counter",
+        "Dead letters that could not be published (rejected to the broker instead).",
+        lambda c: c.dead_letter_failures,
+    ),
+    (
+        "geo_messages_partly_dead_lettered_total",
+        "counter",
+        "Handled for their valid part; the invalid part sent to geo.dead_letter.",
+        lambda c: c.partly_dead_lettered,
+    ),
+    ("geo_messages_requeued_total", "counter", "Requeued after a failure.", lambda c: c.requeued),
+    ("geo_deliveries_unacked", "gauge", "Received, not yet settled.", lambda c: c.unsettled),
+)
+
+
 @dataclass
 class Amqp:
     """A service's connection, its publisher channels, its consumers and the keeper of its
@@ -368,16 +375,16 @@ class Amqp:
     _requesters: list[Requester] = field(default_factory=list)
 
     @classmethod
-    async def open(cls, settings: Settings, *, service: str, stop: asyncio.Event) -> Amqp:
+    async def open(cls, config: AmqpConfig, *, service: str, stop: asyncio.Event) -> Amqp:
         """Connect and make sure the topology is there; what is missing and may not be created
         raises ``TopologyLost`` (one line). Later losses set ``stop`` (see ``close``)."""
-        connection = await connect(settings.amqp_url, name=connection_name(service))
+        connection = await connect(config.url, name=connection_name(service))
         try:
-            user = unquote(urlsplit(split_amqp_urls(settings.amqp_url)[0]).username or "guest")
-            keeper = TopologyKeeper(connection, user, settings.queue_type)
+            user = unquote(urlsplit(split_amqp_urls(config.url)[0]).username or "guest")
+            keeper = TopologyKeeper(connection, user, config.queue_type)
             await keeper.ensure()
             channel = await open_channel(connection)
-            publisher = await AmqpPublisher.create(channel, connection, settings.publish_timeout)
+            publisher = await AmqpPublisher.create(channel, connection, config.publish_timeout)
         except BaseException:
             await connection.close()
             raise
@@ -386,10 +393,10 @@ class Amqp:
             connection,
             channel,
             publisher,
-            settings.max_message_bytes,
+            config.max_message_bytes,
             keeper,
             stop,
-            stuck_after(settings),
+            config.stuck_after_s,
         )
         wake = asyncio.Event()
         connection.reconnect_callbacks.add(lambda *_: wake.set())
@@ -497,28 +504,10 @@ class Amqp:
 
     def register_metrics(self, registry: MetricsRegistry) -> None:
         """Per-queue delivery counters, read from the consumers' own counts."""
-        rows = (
-            ("geo_messages_consumed_total", "counter", "Deliveries received.", "consumed"),
-            ("geo_dead_letters_total", "counter", "Sent to geo.dead_letter.", "dead_lettered"),
-            (
-                "geo_dead_letter_failures_total",
-                "counter",
-                "Dead letters that could not be published (rejected to the broker instead).",
-                "dead_letter_failures",
-            ),
-            (
-                "geo_messages_partly_dead_lettered_total",
-                "counter",
-                "Handled for their valid part; the invalid part sent to geo.dead_letter.",
-                "partly_dead_lettered",
-            ),
-            ("geo_messages_requeued_total", "counter", "Requeued after a failure.", "requeued"),
-            ("geo_deliveries_unacked", "gauge", "Received, not yet settled.", "unsettled"),
-        )
         for consumer in self.consumers:
-            for name, kind, help_, attribute in rows:
+            for name, kind, help_, read in CONSUMER_METRICS:
                 add = registry.counter if kind == "counter" else registry.gauge
-                add(name, help_, partial(getattr, consumer, attribute), queue=consumer.queue.name)
+                add(name, help_, partial(read, consumer), queue=consumer.queue.name)
 
     async def ack(self, tickets: Sequence[Ticket]) -> None:
         """Ack held deliveries from any of this service's consumers."""
