@@ -56,6 +56,27 @@ log = structlog.get_logger("shared.amqp")
 TRANSIENT_BACKOFF = 1.0
 DEAD_LETTER_FAILING_S = 300.0  # /health reports a failed dead letter for this long
 
+MetricKind = Literal["counter", "gauge"]
+# name, kind, help, how to read it from a consumer: /metrics' per-queue delivery counters.
+CONSUMER_METRICS: tuple[tuple[str, MetricKind, str, Callable[[Consumer[Any]], float]], ...] = (
+    ("geo_messages_consumed_total", "counter", "Deliveries received.", lambda c: c.consumed),
+    ("geo_dead_letters_total", "counter", "Sent to geo.dead_letter.", lambda c: c.dead_lettered),
+    (
+        "geo_dead_letter_failures_total",
+        "counter",
+        "Dead letters that could not be published (rejected to the broker instead).",
+        lambda c: c.dead_letter_failures,
+    ),
+    (
+        "geo_messages_partly_dead_lettered_total",
+        "counter",
+        "Handled for their valid part; the invalid part sent to geo.dead_letter.",
+        lambda c: c.partly_dead_lettered,
+    ),
+    ("geo_messages_requeued_total", "counter", "Requeued after a failure.", lambda c: c.requeued),
+    ("geo_deliveries_unacked", "gauge", "Received, not yet settled.", lambda c: c.unsettled),
+)
+
 
 @dataclass(frozen=True)
 class AmqpTicket:
@@ -330,28 +351,6 @@ class Consumer(Generic[M]):
         stale = len(messages) - len(current)
         if stale:
             log.warning("ack_skipped", queue=self.queue.name, stale_deliveries=stale)
-
-
-MetricKind = Literal["counter", "gauge"]
-# name, kind, help, how to read it from a consumer: /metrics' per-queue delivery counters.
-CONSUMER_METRICS: tuple[tuple[str, MetricKind, str, Callable[[Consumer[Any]], float]], ...] = (
-    ("geo_messages_consumed_total", "counter", "Deliveries received.", lambda c: c.consumed),
-    ("geo_dead_letters_total", "counter", "Sent to geo.dead_letter.", lambda c: c.dead_lettered),
-    (
-        "geo_dead_letter_failures_total",
-        "counter",
-        "Dead letters that could not be published (rejected to the broker instead).",
-        lambda c: c.dead_letter_failures,
-    ),
-    (
-        "geo_messages_partly_dead_lettered_total",
-        "counter",
-        "Handled for their valid part; the invalid part sent to geo.dead_letter.",
-        lambda c: c.partly_dead_lettered,
-    ),
-    ("geo_messages_requeued_total", "counter", "Requeued after a failure.", lambda c: c.requeued),
-    ("geo_deliveries_unacked", "gauge", "Received, not yet settled.", lambda c: c.unsettled),
-)
 
 
 @dataclass
