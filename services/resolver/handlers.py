@@ -14,12 +14,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from services.resolver.backpressure import (
-    FLUSH_RETRY_DELAY,
-    hold_or_ack,
-    request_flush,
-    wait_for_room,
-)
+from services.resolver.backpressure import hold_or_ack, wait_for_room
 from services.resolver.cache import GeoCache
 from services.resolver.flushing import flush
 from services.resolver.geo import FAILED, NOT_GLOBAL, Geo
@@ -30,8 +25,7 @@ from shared.ipnorm import is_routable
 from shared.messages import FlushDirty, IpSeen, Resolution, RetryUnresolved
 from shared.ports import Acker, Publisher, Ticket
 
-__all__ = [  # what bootstrap, tests and bench import from here
-    "FLUSH_RETRY_DELAY",
+__all__ = [  # what bootstrap, lookup_requests and the tests import from here
     "ResolverDeps",
     "ResolverState",
     "flush",
@@ -40,7 +34,6 @@ __all__ = [  # what bootstrap, tests and bench import from here
     "on_flush_dirty",
     "on_ip_seen",
     "on_retry_unresolved",
-    "request_flush",
 ]
 
 
