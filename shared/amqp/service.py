@@ -24,7 +24,6 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import (
@@ -726,7 +725,9 @@ class Amqp:
             raise ServiceFault(self.fault)
 
 
-def register_consumer_metrics(registry: MetricsRegistry, consumers: Sequence[Consumer[Any]]) -> None:
+def register_consumer_metrics(
+    registry: MetricsRegistry, consumers: Sequence[Consumer[Any]]
+) -> None:
     """Per-queue delivery counters, read from the consumers' own counts."""
     rows: tuple[tuple[str, str, str, Callable[[Consumer[Any]], float]], ...] = (
         ("geo_messages_consumed_total", "counter", "Deliveries received.", _consumed),
