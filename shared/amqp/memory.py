@@ -169,7 +169,11 @@ class MemoryQueue:
             self._turn += 1
             envelope = self.ready.popleft()
             tag = sub.channel.hold(self, envelope)
-            self.broker.run(sub.callback(self._delivery(sub, tag, envelope)))
+            self.broker.run(self._deliver(sub, self._delivery(sub, tag, envelope)))
+
+    async def _deliver(self, sub: _Subscription, message: IncomingMessage) -> None:
+        if not sub.channel.is_closed:  # else its close requeued the message: never delivered
+            await sub.callback(message)
 
     def _delivery(self, sub: _Subscription, tag: int, envelope: Envelope) -> IncomingMessage:
         deliver = spec.Basic.Deliver(
