@@ -5,7 +5,8 @@ declares the topology, publishes models with publisher confirms, and consumes qu
 each body into its model at the edge, sends what can never succeed to ``geo.dead_letter`` with
 the reason in a header, requeues transient failures after a back-off, and acks only after the
 handler's effect is durable; it checks the topology is still there while a service runs.
-``connection``, ``service``, ``keeper`` and ``tools`` each hold one part.
+``connection``, ``service``, ``keeper`` and ``tools`` each hold one part; ``memory`` is an
+in-memory broker with the same consumers, for tests.
 """
 
 from aio_pika.abc import AbstractRobustConnection as BrokerConnection

@@ -50,8 +50,12 @@ def encoded(body: Body) -> bytes:
 
 class Broker(Protocol):
     name: str
-    open: OpenTransport
     amqp_url: str
+
+    @property
+    def open(self) -> OpenTransport:
+        """What the bootstraps connect with."""
+        ...
 
     async def ready(self) -> None:
         """Wait until the topology is declared (a service has started)."""

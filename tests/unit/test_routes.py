@@ -68,7 +68,7 @@ def test_the_bootstraps_wire_every_route_their_service_consumes() -> None:
     resolver = resolver_routes(resolver_deps())
     assert {w.route for w in resolver} == set(consumed_by("resolver"))
     deps = PersistenceDeps(repository=InMemoryGeoRepository(), publisher=FakePublisher())
-    persistence = persistence_routes(deps)  # type: ignore[arg-type]
+    persistence = persistence_routes(deps)
     assert {w.route for w in persistence} == set(consumed_by("persistence"))
     # Commands first: a backlog of ip.seen must not delay the geo.flush consumer.
     assert [w.route.kind for w in resolver][-1] is Kind.EVENT
