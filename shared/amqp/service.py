@@ -1,7 +1,9 @@
 """What a service holds: a publisher with confirms, and consumers that decode at the edge,
 dead-letter what can never succeed, requeue transient failures and ack only once the work is
 durable (or hand a ticket to the handler, which acks later). Every delivery is settled, even one
-whose dead letter cannot be published; a keeper checks the topology while the service runs."""
+whose dead letter cannot be published; a keeper checks the topology while the service runs.
+``shared.disposition`` decides what becomes of each delivery; ``Consumer`` carries it out, and
+``Amqp.consume`` starts one consumer per route a service wires (``shared.routes``)."""
 
 from __future__ import annotations
 
