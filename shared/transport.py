@@ -5,7 +5,7 @@ unchanged on either, and one pipeline test runs at two speeds."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from shared.amqp import Amqp, AmqpConfig
@@ -37,6 +37,14 @@ class Transport(Protocol):
     def register_metrics(self, registry: MetricsRegistry) -> None: ...
 
     async def stop_consuming(self, drain_timeout: float) -> None: ...
+
+    async def try_lead(self, lock_name: str) -> bool:
+        """Become, or check that we still are, the one holder of ``lock_name`` (the timer's)."""
+        ...
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time the connection has been restored."""
+        ...
 
     async def close(self) -> None:
         """Close everything; raises ``ServiceFault`` if the service stopped on a lost topology."""

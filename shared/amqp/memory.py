@@ -224,6 +224,7 @@ class MemoryBroker:
         self.direct_replies: dict[str, Callable[[Envelope], None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replicas = itertools.count(1)
+        self.leaders: dict[str, MemoryTransport] = {}  # lock name -> its holder (the timer's)
         for queue_spec in topology.WORK_QUEUES:
             self.declare(queue_spec.name, queue_spec.routing_keys, queue_spec.dead_letter)
         self.declare(
@@ -538,9 +539,20 @@ class MemoryTransport:
     async def stop_consuming(self, drain_timeout: float) -> None:
         await stop_consumers(self.consumers, drain_timeout)
 
+    async def try_lead(self, lock_name: str) -> bool:
+        """As the exclusive queue of ``Amqp.try_lead``: held until its holder closes."""
+        holder = self._broker.leaders.setdefault(lock_name, self)
+        return holder is self
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        pass  # an in-memory connection is never lost
+
     async def close(self) -> None:
         """As a closed connection: held deliveries requeued, exclusive queues deleted."""
         self.closed = True
+        for lock, holder in list(self._broker.leaders.items()):
+            if holder is self:
+                del self._broker.leaders[lock]
         for name in self._exclusive:
             self._broker.delete(name)
         for channel in self._channels:

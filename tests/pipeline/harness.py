@@ -2,15 +2,13 @@
 
 Either way the services run in-process through their real bootstraps (``run(settings, stop,
 transport=...)``) on one event loop; the test publishes, reads ``geo.dead_letter`` and asks
-requests as any component would. The timer's cadences run as its ticker loops on the in-memory
-transport (the timer's bootstrap opens the real broker itself), and by its bootstrap on RabbitMQ.
+requests as any component would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -23,9 +21,8 @@ from services.persistence import bootstrap as persistence
 from services.persistence.stores import open_repository
 from services.resolver import bootstrap as resolver
 from services.timer import bootstrap as timer
-from services.timer.ticker import tick_forever
 from shared import topology
-from shared.amqp.memory import MemoryBroker, MemoryPublisher, MemoryRequester
+from shared.amqp.memory import MemoryBroker, MemoryRequester
 from shared.amqp.requests import Requester
 from shared.settings import Settings
 from shared.transport import OpenTransport, open_amqp
@@ -99,11 +96,7 @@ class InMemory:
         return await MemoryRequester(self.broker).request(routing_key, body, wait)
 
     async def run_timer(self, settings: Settings, stop: asyncio.Event) -> None:
-        publisher = MemoryPublisher(self.broker)
-        published: Counter[str] = Counter()
-        async with asyncio.TaskGroup() as group:
-            for cadence in timer.cadences(settings):
-                group.create_task(tick_forever(cadence, publisher, stop, published))
+        await timer.run(settings, stop, transport=self.broker.open)
 
 
 @dataclass

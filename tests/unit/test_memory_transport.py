@@ -6,6 +6,7 @@ dead-lettering of a rejected message, exclusive queues gone with their connectio
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -138,6 +139,30 @@ async def test_a_per_replica_queue_is_its_connections_own() -> None:
     assert broker.send("geo.flush", body) == 1
     assert not [name for name in broker.queues if name.endswith(".memory.1")]
     await two.close()
+
+
+async def test_one_timer_leads_and_a_standby_takes_over_when_it_closes() -> None:
+    # The timer's real bootstrap over memory: only the lock's holder publishes geo.flush.
+    from services.timer import bootstrap as timer
+
+    broker = MemoryBroker()
+    settings = Settings(flush_interval=0.05, re_resolve_interval=3600)
+    broker.declare("flushes", ("geo.flush",), dead_letter=False)
+    first_stop, second_stop = asyncio.Event(), asyncio.Event()
+    first = asyncio.create_task(timer.run(settings, first_stop, transport=broker.open))
+    await asyncio.sleep(0.3)
+    second = asyncio.create_task(timer.run(settings, second_stop, transport=broker.open))
+    await asyncio.sleep(0.3)
+    ticks = broker.take("flushes")
+    led_by_one = {json.loads(m.body)["tick_id"] for m in ticks}
+    assert len(ticks) == len(led_by_one) >= 3  # one publisher: no tick twice
+    first_stop.set()
+    await asyncio.wait_for(first, 5)
+    await asyncio.sleep(0.5)
+    assert broker.take("flushes")  # the standby leads now
+    second_stop.set()
+    await asyncio.wait_for(second, 5)
+    assert broker.leaders == {}
 
 
 async def test_a_request_is_answered_at_its_reply_to_and_unanswered_is_none() -> None:
