@@ -291,8 +291,21 @@ ROWS_DESCRIPTION = (
 )
 
 
+class Sighted(BaseModel):
+    """Addresses ``ip.seen`` mentioned that have no row of their own in the batch."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    at: IsoUtc = Field(description="When (the flush that sent them), ISO-8601 UTC.")
+    ips: list[IpText] = Field(min_length=1, max_length=MAX_IPS_PER_MESSAGE)
+
+
 class GeoUpsertBatch(BaseModel):
-    """Command ``geo.upsert`` (resolver to persistence): write these rows in one transaction."""
+    """Command ``geo.upsert`` (resolver to persistence): write these rows in one transaction.
+
+    ``retried`` and ``seen`` are optional (a persistence that predates them ignores them): they
+    only feed ``geo_cache.last_seen``, never a row's answer.
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -315,6 +328,17 @@ class GeoUpsertBatch(BaseModel):
                 ]
             ]
         ],
+    )
+    retried: list[IpText] = Field(
+        default_factory=list,
+        max_length=MAX_ROWS_PER_UPSERT,
+        description="IPs of rows answered for a geo.retry (or refresh), not because ip.seen "
+        "mentioned them: their last_seen is kept.",
+    )
+    seen: Sighted | None = Field(
+        default=None,
+        description="IPs ip.seen mentioned since the last flush that have no row here; their "
+        "last_seen becomes 'at' (at most once a day per IP).",
     )
 
 

@@ -78,6 +78,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             publisher=amqp.publisher,
             max_age=settings.max_age,
             refresh_per_tick=settings.refresh_per_tick,
+            failed_max_age=settings.failed_max_age,
         )
         try:
             await amqp.consume(

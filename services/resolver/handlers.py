@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from services.resolver.cache import DirtyEntry, GeoCache
 from services.resolver.geo import FAILED, NOT_GLOBAL, Geo
 from services.resolver.known import KnownBatcher, known_answers
 from services.resolver.lookup import GeoLookup
+from services.resolver.sightings import upsert_bodies
 from shared import topology
 from shared.ipnorm import is_routable
 from shared.messages import (
@@ -72,6 +72,7 @@ class ResolverDeps:
 async def on_ip_seen(event: IpSeen, ticket: Ticket, deps: ResolverDeps) -> None:
     await _wait_for_room(deps)
     ips = event.addresses
+    deps.cache.note_seen(ips)
     await _resolve(await not_known(deps.cache.missing(ips, deps.clock()), deps), deps)
     await _hold_or_ack(ips, ticket, deps)
 
@@ -91,6 +92,7 @@ async def not_known(misses: list[str], deps: ResolverDeps) -> list[str]:
 
 async def on_retry_unresolved(cmd: RetryUnresolved, ticket: Ticket, deps: ResolverDeps) -> None:
     await _wait_for_room(deps)
+    deps.cache.note_retried(cmd.ips)
     if cmd.refresh:
         refreshed = await _refresh(cmd.ips, deps)
         deps.log.info("geo_refresh_ran", tick_id=cmd.tick_id, ips=len(cmd.ips), refreshed=refreshed)
@@ -233,22 +235,23 @@ async def flush(deps: ResolverDeps, *, trigger: str) -> int:
         started = time.perf_counter()
         tickets, state.held = state.held, []
         entries = cache.take_dirty()
+        sightings = cache.take_sightings()
         # In IP order, so each geo.upsert covers a narrow slice of geo_cache's primary-key
         # index: its commit rewrites a few dozen index pages instead of one per row (bench/:
         # persistence 3x faster on a 20,000-row flush).
         entries.sort(key=_by_ip)
-        rows = [
-            _rows_json(entries[i : i + MAX_ROWS_PER_UPSERT])
+        batches = [
+            entries[i : i + MAX_ROWS_PER_UPSERT]
             for i in range(0, len(entries), MAX_ROWS_PER_UPSERT)
         ]
+        rows = [_rows_json(batch) for batch in batches]
+        bodies = upsert_bodies(batches, rows, sightings, cache, deps.clock())
         try:
-            if rows:
-                await deps.publisher.publish_bodies(
-                    topology.UPSERT,
-                    [b'{"batch_id":"%s","rows":%s}' % (uuid.uuid4().hex.encode(), r) for r in rows],
-                )
+            if bodies:
+                await deps.publisher.publish_bodies(topology.UPSERT, bodies)
         except BaseException:
             cache.restore_dirty(entries)
+            cache.restore_sightings(sightings)
             state.held[:0] = tickets
             raise
         cache.confirm_flushed(entries)
@@ -263,6 +266,7 @@ async def flush(deps: ResolverDeps, *, trigger: str) -> int:
                 trigger=trigger,
                 rows=len(entries),
                 batches=len(rows),
+                seen=len(sightings.seen),
                 acked=len(tickets),
                 cached=len(cache),
                 duration_ms=round((time.perf_counter() - started) * 1000, 1),
