@@ -155,13 +155,13 @@ WHERE country_code IS NULL AND (resolution IS NULL OR (resolution = '{_FAILED}'
 # written because ip.seen mentioned its IP, or by the original BanGUI when a ban did).
 LAST_SEEN = "COALESCE(last_seen, cached_at)"
 COUNT_UNSEEN = f"SELECT COUNT(*) FROM geo_cache WHERE {LAST_SEEN} < {{0}}"
-# The condition again in the outer WHERE: a row seen between the inner SELECT and the DELETE
-# (PostgreSQL re-checks the outer condition on the row's new version) is kept.
-PRUNE_CHUNK = (
-    "DELETE FROM geo_cache WHERE ip IN"
-    f" (SELECT ip FROM geo_cache WHERE {LAST_SEEN} < {{0}} LIMIT {{1}})"
-    f" AND {LAST_SEEN} < {{0}}"
+# Prune in pages along the primary key: a read finds the next page of candidates (no write
+# lock, one pass over the table in all), then a short DELETE of just those rows checks the
+# condition again, so a row seen or rewritten between the two is kept.
+UNSEEN_PAGE = (
+    f"SELECT ip FROM geo_cache WHERE ip > {{0}} AND {LAST_SEEN} < {{1}} ORDER BY ip LIMIT {{2}}"
 )
+DELETE_UNSEEN = f"DELETE FROM geo_cache WHERE ip IN ({{0}}) AND {LAST_SEEN} < {{1}}"
 # Sightings: one write per IP and day at most (the condition skips rows already seen that day).
 MARK_SEEN = "UPDATE geo_cache SET last_seen = {0} WHERE ip IN ({1}) AND " + LAST_SEEN + " < {2}"
 
@@ -437,17 +437,21 @@ class SqliteGeoRepository:
         return 0 if found is None else int(found[0])
 
     async def prune(self, before: str, chunk: int) -> int:
-        """Each chunk is one autocommit DELETE: the write lock is held for one chunk at a time
-        (the writer waits up to its busy timeout), and the loop yields between chunks."""
-        deleted = 0
+        """Each chunk is one autocommit DELETE of rows found by a read just before: the write
+        lock is held for ``chunk`` primary-key deletes at a time (the writer waits for them
+        within its busy timeout), and the loop yields between chunks."""
+        deleted, after = 0, ""
+        page = UNSEEN_PAGE.format("?", "?", "?")
+        delete = DELETE_UNSEEN.format("SELECT value FROM json_each(?)", "?")
         while True:
-            async with self._transaction:
-                cursor = await self._db.execute(
-                    PRUNE_CHUNK.format("?", "?"), (before, chunk, before)
-                )
-            deleted += max(cursor.rowcount, 0)
-            if cursor.rowcount < chunk:
+            async with self._db.execute(page, (after, before, chunk)) as cursor:
+                ips = [str(found[0]) async for found in cursor]
+            if not ips:
                 return deleted
+            async with self._transaction:
+                cursor = await self._db.execute(delete, (json.dumps(ips), before))
+            deleted += max(cursor.rowcount, 0)
+            after = ips[-1]
             await asyncio.sleep(0)
 
     async def stale_ips(self, older_than: str, limit: int) -> list[str]:

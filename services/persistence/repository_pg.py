@@ -27,15 +27,16 @@ from services.persistence.ports import RetryBackoff, Sightings
 from services.persistence.repository import (
     ADDED_COLUMNS,
     COUNT_UNSEEN,
+    DELETE_UNSEEN,
     MARK_SEEN,
     ON_CONFLICT,
     ON_CONFLICT_TEMPLATE,
-    PRUNE_CHUNK,
     ROW_COLUMNS,
     SELECT_DUE,
     SELECT_STALE,
     SELECT_UNRESOLVED,
     UNRESOLVED_INDEX,
+    UNSEEN_PAGE,
     known_row,
     select_known,
 )
@@ -195,21 +196,25 @@ class PostgresGeoRepository:
         return 0 if found is None else int(found[0])
 
     async def prune(self, before: str, chunk: int) -> int:
-        """A DELETE of at most ``chunk`` rows per statement (autocommit: one transaction each),
-        so row locks are held for one chunk at a time."""
-        deleted = 0
+        """Pages along the primary key, each a read then a DELETE of at most ``chunk`` rows
+        (autocommit: one transaction each, so row locks are held for one chunk at a time); the
+        DELETE checks the condition again on each row's latest version."""
+        deleted, after = 0, ""
+        page = UNSEEN_PAGE.format("%s", "%s", "%s")
+        delete = DELETE_UNSEEN.format("SELECT unnest(%s::text[])", "%s")
         while True:
             async with self._lock:
                 db = await self._connection()
                 try:
-                    cursor = await db.execute(
-                        PRUNE_CHUNK.format("%s", "%s"), (before, chunk, before)
-                    )
+                    found = await (await db.execute(page, (after, before, chunk))).fetchall()
+                    ips = [str(r[0]) for r in found]
+                    if not ips:
+                        return deleted
+                    cursor = await db.execute(delete, (ips, before))
                 except (psycopg.OperationalError, psycopg.InterfaceError, ReadOnly) as exc:
                     raise await self._transient("prune", exc) from exc
             deleted += max(cursor.rowcount, 0)
-            if cursor.rowcount < chunk:
-                return deleted
+            after = ips[-1]
             await asyncio.sleep(0)
 
     async def stale_ips(self, older_than: str, limit: int) -> list[str]:
