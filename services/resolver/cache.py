@@ -17,10 +17,11 @@ from services.resolver.geo import Geo
 from shared.messages import iso_utc_from_epoch
 
 _MAX_INTERNED = 65_536
-# Distinct IPs noted as seen (or retried) between two flushes, at most: a bound on memory that
-# does not grow with the cache. Past it, sightings are dropped until the flush (counted):
-# last_seen is a day stamp, and an IP seen again the next window is noted then.
-MAX_SIGHTINGS = 20_000
+# Addresses noted as seen (or retried) between two flushes, at most: a bound on memory that
+# does not grow with the cache (~70 B each: a reference and the message's string). Past it,
+# sightings are dropped until the flush (counted): last_seen is a day stamp, and an IP seen
+# again the next window is noted then.
+MAX_SIGHTINGS = 50_000
 
 
 class Sightings(NamedTuple):
@@ -50,7 +51,9 @@ class GeoCache:
         self._interned: dict[Geo, Geo] = {}
         self._interned_ids: dict[int, Geo] = {}  # id -> the interned object, kept alive
         # Per flush window, not per entry: emptied by take_sightings, bounded by MAX_SIGHTINGS.
-        self._seen: set[str] = set()
+        # ip.seen's addresses as they came, in one flat list (no object per delivery for the
+        # garbage collector to track); deduplicated at flush.
+        self._seen: list[str] = []
         self._retried: set[str] = set()
         self._taken: dict[str, float] = {}  # the dirty set the last take_dirty swapped out
         self.sightings_dropped = 0
@@ -175,10 +178,11 @@ class GeoCache:
         return [DirtyEntry(ip, self._entries[ip], at) for ip, at in dirty.items()]
 
     def note_seen(self, ips: list[str]) -> None:
-        """``ip.seen`` mentioned ``ips``: one C-level set update per delivery, no entry grows."""
+        """``ip.seen`` mentioned ``ips``: one C-level extend per delivery; the flush
+        deduplicates them, off this path."""
         seen = self._seen
         if len(seen) < MAX_SIGHTINGS:
-            seen.update(ips)
+            seen.extend(ips)
         else:
             self.sightings_dropped += len(ips)
 
@@ -193,7 +197,8 @@ class GeoCache:
         """The sightings since the last call, against the dirty set ``take_dirty`` just took:
         a row of that flush says itself that its IP was seen, unless it answered a retry."""
         taken, self._taken = self._taken, {}
-        seen, self._seen = self._seen, set()
+        mentioned, self._seen = self._seen, []
+        seen = set(mentioned)
         retried = self._retried.intersection(taken)
         if retried:
             self._retried.difference_update(retried)
@@ -203,8 +208,7 @@ class GeoCache:
     def restore_sightings(self, sightings: Sightings) -> None:
         """Put back what a failed flush did not deliver (newer sightings stay)."""
         self._retried.update(sightings.retried)
-        if len(self._seen) < MAX_SIGHTINGS:
-            self._seen.update(sightings.seen)
+        self.note_seen(sightings.seen)
 
     def confirm_flushed(self, entries: Iterable[DirtyEntry]) -> None:
         for entry in entries:
