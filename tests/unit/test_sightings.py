@@ -4,12 +4,18 @@ a carrier row), through the real handlers with in-memory fakes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.resolver.cache import MAX_SIGHTINGS, GeoCache
 from services.resolver.geo import FAILED
 from services.resolver.handlers import flush
-from shared.messages import Resolution, iso_utc_from_epoch
+from shared import topology
+from shared.decode import decode
+from shared.messages import CheckedRows, GeoUpsertBatch, Resolution, iso_utc_from_epoch
 from tests.unit.test_resolver_handlers import US, make_resolver
 
 T0 = 1_800_000_000.0
@@ -93,3 +99,41 @@ async def test_a_failed_flush_keeps_its_sightings_for_the_next() -> None:
     await flush(r.deps, trigger="test")
     seen = [b.seen for b in r.batches() if b.seen is not None]
     assert [s.ips for s in seen] == [["8.8.8.8"]]
+
+
+async def test_the_bodies_pass_persistences_decoding_old_and_new(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    r = make_resolver()
+    raw: list[tuple[str, bytes]] = []
+    recorded = r.publisher.publish_bodies
+
+    async def capture(routing_key: str, bodies: Sequence[bytes], **options: Any) -> None:
+        raw.extend((routing_key, body) for body in bodies)
+        await recorded(routing_key, bodies, **options)
+
+    monkeypatch.setattr(r.publisher, "publish_bodies", capture)
+    await r.seen("8.8.8.8", "1.1.1.1")
+    await flush(r.deps, trigger="test")
+    await r.seen("8.8.8.8")
+    await r.retry("9.9.9.9")
+    await flush(r.deps, trigger="test")
+    bodies = [b for key, b in raw if key == topology.UPSERT][1:]
+    assert len(bodies) == 2  # the retried row's batch, then the sightings batch
+    for body in bodies:
+        batch = decode(GeoUpsertBatch, body, 1_048_576)
+        legacy = decode(LegacyBatch, body, 1_048_576)  # a persistence without the new fields
+        assert legacy.rows == batch.rows
+    assert decode(GeoUpsertBatch, bodies[0], 1_048_576).retried == ["9.9.9.9"]
+    sighted = decode(GeoUpsertBatch, bodies[1], 1_048_576).seen
+    assert sighted is not None
+    assert sighted.ips == ["8.8.8.8"]
+
+
+class LegacyBatch(BaseModel):
+    """``GeoUpsertBatch`` as a persistence that predates ``retried`` and ``seen`` reads it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    batch_id: str
+    rows: CheckedRows = Field(min_length=1, max_length=1000)
