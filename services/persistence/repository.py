@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS geo_cache (
     org          TEXT,
     cached_at    TEXT NOT NULL,
     resolution   TEXT,
-    provider     TEXT
+    provider     TEXT,
+    failed_since TEXT,
+    last_seen    TEXT
 )
 """
 # The WAL is checkpointed once it holds ~64 MiB (16,384 pages of 4 KiB) instead of SQLite's

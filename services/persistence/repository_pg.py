@@ -55,7 +55,9 @@ CREATE TABLE IF NOT EXISTS geo_cache (
     org          TEXT,
     cached_at    TEXT COLLATE "C" NOT NULL,
     resolution   TEXT,
-    provider     TEXT
+    provider     TEXT,
+    failed_since TEXT,
+    last_seen    TEXT
 )
 """
 # Serializes schema creation between instances starting together (an arbitrary constant).
