@@ -24,7 +24,7 @@ _MAX_INTERNED = 65_536
 MAX_SIGHTINGS = 50_000
 
 
-class Sightings(NamedTuple):
+class FlushSightings(NamedTuple):
     seen: list[str]  # IPs seen that this flush carries no sighting row for, in IP order
     retried: frozenset[str]  # IPs of this flush's rows answered for a retry, not a sighting
 
@@ -193,7 +193,7 @@ class GeoCache:
             retried.clear()  # lookups that never produced a row (a failed refresh): forget them
         retried.update(ips)
 
-    def take_sightings(self) -> Sightings:
+    def take_sightings(self) -> FlushSightings:
         """The sightings since the last call, against the dirty set ``take_dirty`` just took:
         a row of that flush says itself that its IP was seen, unless it answered a retry."""
         taken, self._taken = self._taken, {}
@@ -203,9 +203,9 @@ class GeoCache:
         if retried:
             self._retried.difference_update(retried)
         seen.difference_update(taken.keys() - retried)
-        return Sightings(sorted(seen), frozenset(retried))
+        return FlushSightings(sorted(seen), frozenset(retried))
 
-    def restore_sightings(self, sightings: Sightings) -> None:
+    def restore_sightings(self, sightings: FlushSightings) -> None:
         """Put back what a failed flush did not deliver (newer sightings stay)."""
         self._retried.update(sightings.retried)
         self.note_seen(sightings.seen)

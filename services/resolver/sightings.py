@@ -13,14 +13,14 @@ import json
 import uuid
 from collections.abc import Sequence
 
-from services.resolver.cache import DirtyEntry, GeoCache, Sightings
+from services.resolver.cache import DirtyEntry, FlushSightings, GeoCache
 from shared.messages import MAX_IPS_PER_MESSAGE, iso_utc_from_epoch
 
 
 def upsert_bodies(
     batches: Sequence[Sequence[DirtyEntry]],
     rows: Sequence[bytes],
-    sightings: Sightings,
+    sightings: FlushSightings,
     cache: GeoCache,
     now: float,
 ) -> list[bytes]:
