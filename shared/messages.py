@@ -294,8 +294,21 @@ ROWS_DESCRIPTION = (
 )
 
 
+class Sighted(BaseModel):
+    """Addresses ``ip.seen`` mentioned that have no row of their own in the batch."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    at: IsoUtc = Field(description="When (the flush that sent them), ISO-8601 UTC.")
+    ips: list[IpText] = Field(min_length=1, max_length=MAX_IPS_PER_MESSAGE)
+
+
 class GeoUpsertBatch(BaseModel):
-    """Command ``geo.upsert`` (resolver to persistence): write these rows in one transaction."""
+    """Command ``geo.upsert`` (resolver to persistence): write these rows in one transaction.
+
+    ``retried`` and ``seen`` are optional (a persistence that predates them ignores them): they
+    only feed ``geo_cache.last_seen``, never a row's answer.
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -318,6 +331,17 @@ class GeoUpsertBatch(BaseModel):
                 ]
             ]
         ],
+    )
+    retried: list[IpText] = Field(
+        default_factory=list,
+        max_length=MAX_ROWS_PER_UPSERT,
+        description="IPs of rows answered for a geo.retry (or refresh), not because ip.seen "
+        "mentioned them: their last_seen is kept.",
+    )
+    seen: Sighted | None = Field(
+        default=None,
+        description="IPs ip.seen mentioned since the last flush that have no row here; their "
+        "last_seen becomes 'at' (at most once a day per IP).",
     )
 
 
@@ -404,9 +428,23 @@ def decode_rows(rows: bytes) -> list[GeoRow]:
     return _ROWS.validate_json(rows)
 
 
-def upsert_body(batch_id: str, rows: bytes) -> bytes:
-    """A ``geo.upsert`` body around an encoded ``rows`` array."""
-    return b'{"batch_id":%s,"rows":%s}' % (json.dumps(batch_id).encode(), rows)
+def upsert_body(
+    batch_id: str,
+    rows: bytes,
+    *,
+    retried: Sequence[str] = (),
+    seen: tuple[str, Sequence[str]] | None = None,
+) -> bytes:
+    """A ``geo.upsert`` body around an encoded ``rows`` array, with the optional ``retried``
+    IPs and ``seen`` sightings (``(at, ips)``) when there are any."""
+    extra = b""
+    if retried:
+        extra += b',"retried":' + json.dumps(list(retried), separators=(",", ":")).encode()
+    if seen is not None:
+        at, ips = seen
+        sighted = {"at": at, "ips": list(ips)}
+        extra += b',"seen":' + json.dumps(sighted, separators=(",", ":")).encode()
+    return b'{"batch_id":%s,"rows":%s%s}' % (json.dumps(batch_id).encode(), rows, extra)
 
 
 def resolved_body(rows: bytes) -> bytes:

@@ -144,6 +144,12 @@ class Settings(BaseSettings):
     max_age: float = Field(
         default=30 * 86400.0, ge=0, description="Seconds before a resolved row is refreshed."
     )
+    failed_max_age: float = Field(
+        default=86_400.0,
+        ge=0,
+        le=365 * 86_400,
+        description="Seconds a failed row is retried at every re-resolve; older, once a day.",
+    )
     refresh_per_tick: int = Field(
         default=1000, ge=0, description="Resolved rows refreshed per re-resolve tick, at most."
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from services.persistence.ports import RetryBackoff, Sightings
 from services.resolver.geo import Geo
 from shared.messages import GeoRow, Resolution
 from shared.ports import Ticket
@@ -113,13 +114,23 @@ class InMemoryGeoRepository:
     rows: dict[str, GeoRow] = field(default_factory=dict)
     commits: int = 0
 
-    async def upsert_many(self, rows: Sequence[GeoRow]) -> int:
+    retried: list[str] = field(default_factory=list)
+    seen: list[Sightings] = field(default_factory=list)
+    backoffs: list[RetryBackoff | None] = field(default_factory=list)
+
+    async def upsert_many(
+        self, rows: Sequence[GeoRow], retried: Sequence[str] = (), seen: Sightings | None = None
+    ) -> int:
         for row in rows:
             self.rows[row.ip] = row
+        self.retried.extend(retried)
+        if seen is not None:
+            self.seen.append(seen)
         self.commits += 1
         return len(rows)
 
-    async def unresolved_ips(self) -> list[str]:
+    async def unresolved_ips(self, backoff: RetryBackoff | None = None) -> list[str]:
+        self.backoffs.append(backoff)
         return [
             ip
             for ip, row in self.rows.items()

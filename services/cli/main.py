@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from services.agent import command as agent_command
-from services.cli import backup, database, deadletters, import_sqlite
+from services.cli import backup, database, deadletters, import_sqlite, prune
 from services.cli.durations import format_age, parse_age
 from services.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
 from services.cli.inputs import InputError, from_arguments
@@ -150,6 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
         "PostgreSQL database of GEO_DB_URL, in batches, with the upsert rules: safe to repeat.",
     )
     imp.add_argument("file", type=Path, metavar="FILE")
+
+    trim = commands.add_parser(
+        "prune",
+        parents=[db],
+        help="delete geo_cache rows not seen for a while (asks first unless --yes)",
+        description="Delete the geo_cache rows whose IP no ip.seen mentioned for longer than "
+        "AGE (last_seen, or cached_at where last_seen is NULL), in short chunks, safe while "
+        "persistence runs; SQLite (GEO_DB_PATH, --db) or PostgreSQL (GEO_DB_URL). It counts "
+        "them first and asks; --yes skips the question.",
+    )
+    trim.add_argument(
+        "--older-than",
+        type=_age,
+        required=True,
+        metavar="AGE",
+        help="not seen for longer than AGE, e.g. 90d, 26w",
+    )
+    trim.add_argument("-y", "--yes", action="store_true", help="do not ask")
 
     dead = commands.add_parser("dead-letters", help="inspect or replay geo.dead_letter")
     dead_commands = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
@@ -293,6 +311,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
     elif args.command == "import-sqlite":
         import_sqlite.run(args.file, settings)
+    elif args.command == "prune":
+        prune.run(settings, args.older_than, yes=bool(args.yes))
     elif args.command == "dead-letters":
         asyncio.run(_dead_letters(args, settings))
     return EXIT_OK

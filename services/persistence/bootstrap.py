@@ -95,6 +95,7 @@ async def run(
             publisher=amqp.publisher,
             max_age=settings.max_age,
             refresh_per_tick=settings.refresh_per_tick,
+            failed_max_age=settings.failed_max_age,
         )
         try:
             await amqp.consume(persistence_routes(deps), prefetch=settings.prefetch)

@@ -17,6 +17,7 @@ from operator import itemgetter
 
 import structlog
 
+from services.persistence.ports import RetryBackoff, Sightings
 from services.persistence.repository import DatabaseReplaced, GeoRepository, is_transient
 from shared import topology
 from shared.errors import Rejected, Transient
@@ -54,12 +55,17 @@ class PersistenceDeps:
     clock: Callable[[], float] = time.time
     max_age: float = 0.0  # seconds; 0: resolved rows are never refreshed
     refresh_per_tick: int = 0
+    # Seconds (GEO_FAILED_MAX_AGE) a failed row is retried at every tick; older, once a day.
+    # None: every failed row at every tick.
+    failed_max_age: float | None = None
 
 
 # How far a row's cached_at may be ahead of persistence's clock: the resolver's clock may run a
 # little fast, but a row dated later than that would win every later upsert (newer answers win).
 MAX_CLOCK_SKEW_S = 300.0
 _CACHED_AT = itemgetter(2)
+# A failed row older than failed_max_age is retried when its last attempt is this old.
+FAILED_RETRY_EVERY_S = 86_400.0
 
 
 def future_rows(rows: Sequence[GeoRow], now: float) -> list[int]:
@@ -82,8 +88,16 @@ async def on_geo_upsert_batch(cmd: GeoUpsertBatch, deps: PersistenceDeps) -> Non
             f"rows.{ahead[0]}: cached_at {first} is more than {MAX_CLOCK_SKEW_S:.0f} s ahead of "
             f"persistence's clock ({len(ahead)} such rows; nothing written)"
         )
+    seen = None
+    if cmd.seen is not None:
+        if cmd.seen.at > iso_utc_from_epoch(deps.clock() + MAX_CLOCK_SKEW_S):
+            raise Rejected(
+                f"seen.at: {cmd.seen.at} is more than {MAX_CLOCK_SKEW_S:.0f} s ahead of "
+                "persistence's clock (nothing written)"
+            )
+        seen = Sightings(cmd.seen.ips, cmd.seen.at)
     try:
-        changed = await deps.repository.upsert_many(cmd.rows)
+        changed = await deps.repository.upsert_many(cmd.rows, cmd.retried, seen)
     except DatabaseReplaced as exc:
         raise Transient(str(exc)) from exc
     except sqlite3.Error as exc:
@@ -97,13 +111,14 @@ async def on_geo_upsert_batch(cmd: GeoUpsertBatch, deps: PersistenceDeps) -> Non
         batch_id=cmd.batch_id,
         rows=len(cmd.rows),
         changed=changed,
+        seen=0 if seen is None else len(seen.ips),
         duration_ms=round((time.perf_counter() - started) * 1000, 1),
     )
 
 
 async def on_re_resolve(cmd: ReResolveStale, deps: PersistenceDeps) -> None:
     try:
-        stored = await deps.repository.unresolved_ips()
+        stored = await deps.repository.unresolved_ips(retry_backoff(deps))
     except DatabaseReplaced as exc:
         raise Transient(str(exc)) from exc
     ips = _retryable(stored)
@@ -126,6 +141,17 @@ async def on_re_resolve(cmd: ReResolveStale, deps: PersistenceDeps) -> None:
         retried=len(ips),
         refreshed=len(stale),
         batches=len(batches),
+    )
+
+
+def retry_backoff(deps: PersistenceDeps) -> RetryBackoff | None:
+    """Failed rows younger than ``failed_max_age`` every tick, older ones once a day."""
+    if deps.failed_max_age is None:
+        return None
+    now = deps.clock()
+    return RetryBackoff(
+        young_after=iso_utc_from_epoch(now - deps.failed_max_age),
+        tried_before=iso_utc_from_epoch(now - FAILED_RETRY_EVERY_S),
     )
 
 

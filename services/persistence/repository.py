@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from typing import Protocol
 import aiosqlite
 import structlog
 
+from services.persistence.ports import RetryBackoff, Sightings
 from shared.messages import ROW_FIELDS, GeoRow, Resolution
 
 # Bind Resolution members as their text through the adapter table: otherwise sqlite3 probes
@@ -42,7 +44,9 @@ CREATE TABLE IF NOT EXISTS geo_cache (
     org          TEXT,
     cached_at    TEXT NOT NULL,
     resolution   TEXT,
-    provider     TEXT
+    provider     TEXT,
+    failed_since TEXT,
+    last_seen    TEXT
 )
 """
 # The WAL is checkpointed once it holds ~64 MiB (16,384 pages of 4 KiB) instead of SQLite's
@@ -61,8 +65,16 @@ TRUNCATE_RETRY_S = 0.01
 CACHE_KIB = 65_536
 STATEMENT_CACHE = 8
 
-# Columns added to a table created by the original BanGUI (ip .. cached_at only).
-ADDED_COLUMNS = {"resolution": "TEXT", "provider": "TEXT"}
+# Columns added to a table created by the original BanGUI (ip .. cached_at only), and later to
+# bangui-geo's own: all nullable, so older readers and writers, which name their columns, go on.
+# failed_since: when a failed row first failed, if it failed again since (else its cached_at).
+# last_seen: when ip.seen last mentioned the IP, day granularity (NULL: its cached_at).
+ADDED_COLUMNS = {
+    "resolution": "TEXT",
+    "provider": "TEXT",
+    "failed_since": "TEXT",
+    "last_seen": "TEXT",
+}
 UNRESOLVED_INDEX = (
     "CREATE INDEX IF NOT EXISTS geo_cache_unresolved ON geo_cache (ip) WHERE country_code IS NULL"
 )
@@ -71,8 +83,16 @@ UNRESOLVED_INDEX = (
 ROW_COLUMNS = ROW_FIELDS
 VALUES_ROW = "(" + ", ".join("?" for _ in ROW_COLUMNS) + ")"
 
-# Newer answers win; a failure never overwrites a country we already have.
-ON_CONFLICT = """
+_FAILED = Resolution.FAILED.value
+# Newer answers win; a failure never overwrites a country we already have. The SET expressions
+# read the stored row's old values. Only updates evaluate them: an insert binds the eight row
+# columns and nothing else, so the hot path (new IPs) costs what it did.
+# failed_since: a failed row failing again (a later attempt) keeps when it first failed (its
+# first cached_at); any other answer clears it; an equal cached_at (a redelivery) changes nothing.
+# last_seen: a redelivery keeps it; a row answered for a retry or refresh ({retried}) keeps when
+# the IP was last seen (its old cached_at if it had no last_seen); any other newer row was looked
+# up because ip.seen mentioned the IP, so NULL: its new cached_at says when.
+ON_CONFLICT_TEMPLATE = f"""
 ON CONFLICT(ip) DO UPDATE SET
     country_code = excluded.country_code,
     country_name = excluded.country_name,
@@ -80,17 +100,34 @@ ON CONFLICT(ip) DO UPDATE SET
     org = excluded.org,
     cached_at = excluded.cached_at,
     resolution = excluded.resolution,
-    provider = excluded.provider
+    provider = excluded.provider,
+    failed_since = CASE
+        WHEN COALESCE(excluded.resolution, '') <> '{_FAILED}'
+          OR COALESCE(geo_cache.resolution, '') <> '{_FAILED}' THEN NULL
+        WHEN excluded.cached_at > geo_cache.cached_at
+          THEN COALESCE(geo_cache.failed_since, geo_cache.cached_at)
+        ELSE geo_cache.failed_since END,
+    last_seen = CASE
+        WHEN excluded.cached_at = geo_cache.cached_at THEN geo_cache.last_seen
+        WHEN {{retried}} THEN COALESCE(geo_cache.last_seen, geo_cache.cached_at)
+        ELSE NULL END
 WHERE excluded.cached_at >= geo_cache.cached_at
   AND (excluded.country_code IS NOT NULL OR geo_cache.country_code IS NULL)
 """
+ON_CONFLICT = ON_CONFLICT_TEMPLATE.format(retried="FALSE")
+# The retried IPs come as one JSON array parameter, after the rows' parameters.
+ON_CONFLICT_RETRIED = ON_CONFLICT_TEMPLATE.format(
+    retried="excluded.ip IN (SELECT value FROM json_each(?))"
+)
 
 
 @lru_cache(maxsize=STATEMENT_CACHE)
-def upsert_sql(rows: int) -> str:
-    """The upsert of ``rows`` rows in one statement (sqlite3 caches the prepared statement)."""
+def upsert_sql(rows: int, retried: bool = False) -> str:
+    """The upsert of ``rows`` rows in one statement (sqlite3 caches the prepared statement);
+    ``retried``: with the JSON array of retried IPs as its last parameter."""
     values = ", ".join([VALUES_ROW] * rows)
-    return f"INSERT INTO geo_cache ({', '.join(ROW_COLUMNS)}) VALUES {values}{ON_CONFLICT}"
+    conflict = ON_CONFLICT_RETRIED if retried else ON_CONFLICT
+    return f"INSERT INTO geo_cache ({', '.join(ROW_COLUMNS)}) VALUES {values}{conflict}"
 
 
 # One row per execution: the statement of the bare executemany baseline in bench/.
@@ -108,6 +145,27 @@ SELECT_UNRESOLVED = f"""
 SELECT ip FROM geo_cache
 WHERE country_code IS NULL AND (resolution IS NULL OR resolution = '{Resolution.FAILED.value}')
 """
+# The same under the back-off: a failed row that first failed after {0} (young), or was last
+# tried (its cached_at: every attempt writes a new failed row) before {1}. Legacy rows: always.
+SELECT_DUE = f"""
+SELECT ip FROM geo_cache
+WHERE country_code IS NULL AND (resolution IS NULL OR (resolution = '{_FAILED}'
+  AND (COALESCE(failed_since, cached_at) > {{0}} OR cached_at < {{1}})))
+"""
+
+# When a row was last seen: ip.seen's day stamp, else the row's cached_at (every row was first
+# written because ip.seen mentioned its IP, or by the original BanGUI when a ban did).
+LAST_SEEN = "COALESCE(last_seen, cached_at)"
+COUNT_UNSEEN = f"SELECT COUNT(*) FROM geo_cache WHERE {LAST_SEEN} < {{0}}"
+# Prune in pages along the primary key: a read finds the next page of candidates (no write
+# lock, one pass over the table in all), then a short DELETE of just those rows checks the
+# condition again, so a row seen or rewritten between the two is kept.
+UNSEEN_PAGE = (
+    f"SELECT ip FROM geo_cache WHERE ip > {{0}} AND {LAST_SEEN} < {{1}} ORDER BY ip LIMIT {{2}}"
+)
+DELETE_UNSEEN = f"DELETE FROM geo_cache WHERE ip IN ({{0}}) AND {LAST_SEEN} < {{1}}"
+# Sightings: one write per IP and day at most (the condition skips rows already seen that day).
+MARK_SEEN = "UPDATE geo_cache SET last_seen = {0} WHERE ip IN ({1}) AND " + LAST_SEEN + " < {2}"
 
 
 # Rows with a final answer, which the resolver may serve without a lookup; ``failed`` rows (and
@@ -141,9 +199,14 @@ def known_row(found: Sequence[object]) -> GeoRow:
 
 
 class GeoRepository(Protocol):
-    async def upsert_many(self, rows: Sequence[GeoRow]) -> int: ...
+    async def upsert_many(
+        self,
+        rows: Sequence[GeoRow],
+        retried: Sequence[str] = (),
+        seen: Sightings | None = None,
+    ) -> int: ...
 
-    async def unresolved_ips(self) -> list[str]: ...
+    async def unresolved_ips(self, backoff: RetryBackoff | None = None) -> list[str]: ...
 
     async def known_rows(self, ips: Sequence[str]) -> list[GeoRow]: ...
 
@@ -239,26 +302,35 @@ class SqliteGeoRepository:
             raise
         return repository
 
-    async def upsert_many(self, rows: Sequence[GeoRow]) -> int:
-        """Apply ``rows`` in one transaction with one commit; returns rows inserted or changed.
+    async def upsert_many(
+        self,
+        rows: Sequence[GeoRow],
+        retried: Sequence[str] = (),
+        seen: Sightings | None = None,
+    ) -> int:
+        """Apply ``rows`` (and ``seen``) in one transaction with one commit; returns rows
+        inserted or changed (sightings not counted).
 
         Raises ``DatabaseReplaced`` when the commit may have gone to a file no longer at the path.
         """
-        if not rows:
+        if seen is not None and not seen.ips:
+            seen = None
+        if not rows and seen is None:
             return 0
         if self._closed_for_reopen:
             await self._reopen("retry")
         db = self._db
+        extra: tuple[str, ...] = (json.dumps(list(retried)),) if retried else ()
         try:
-            if len(rows) <= self._rows_per_statement:
+            if len(rows) <= self._rows_per_statement and seen is None:
                 if self._transaction.locked():
                     async with self._transaction:
-                        changed = await self._statement(db, rows)
+                        changed = await self._statement(db, rows, extra)
                 else:
-                    changed = await self._statement(db, rows)
+                    changed = await self._statement(db, rows, extra)
             else:
                 async with self._transaction:
-                    changed = await self._statements(db, rows)
+                    changed = await self._statements(db, rows, extra, seen)
         except Exception as exc:
             if self._db is not db:  # reopened meanwhile: the old connection was closed under us
                 raise DatabaseReplaced(f"{self._path} was reopened during the write") from exc
@@ -267,17 +339,34 @@ class SqliteGeoRepository:
         await self._verify(db)
         return changed
 
-    async def _statement(self, db: aiosqlite.Connection, rows: Sequence[GeoRow]) -> int:
-        cursor = await db.execute(upsert_sql(len(rows)), list(chain.from_iterable(rows)))
+    async def _statement(
+        self, db: aiosqlite.Connection, rows: Sequence[GeoRow], extra: tuple[str, ...] = ()
+    ) -> int:
+        params = list(chain.from_iterable(rows))
+        if extra:
+            params.extend(extra)
+        cursor = await db.execute(upsert_sql(len(rows), bool(extra)), params)
         return cursor.rowcount
 
-    async def _statements(self, db: aiosqlite.Connection, rows: Sequence[GeoRow]) -> int:
-        """More rows than one statement may bind: BEGIN, a statement per slice, COMMIT."""
+    async def _statements(
+        self,
+        db: aiosqlite.Connection,
+        rows: Sequence[GeoRow],
+        extra: tuple[str, ...] = (),
+        seen: Sightings | None = None,
+    ) -> int:
+        """More rows than one statement may bind, or rows and sightings: BEGIN, a statement
+        per slice, the sightings' update, COMMIT."""
         step, changed = self._rows_per_statement, 0
         try:  # BEGIN inside: cancelled while waiting for the write lock, it still runs later
             await db.execute("BEGIN IMMEDIATE")
             for i in range(0, len(rows), step):
-                changed += await self._statement(db, rows[i : i + step])
+                changed += await self._statement(db, rows[i : i + step], extra)
+            if seen is not None:
+                await db.execute(
+                    MARK_SEEN.format("?", "SELECT value FROM json_each(?)", "?"),
+                    (seen.at, json.dumps(list(seen.ips)), seen.day_start),
+                )
             await db.execute("COMMIT")
         except BaseException:
             await db.rollback()
@@ -333,11 +422,39 @@ class SqliteGeoRepository:
         self._log.error("geo_database_reopen_failed", db_path=str(self._path), error=repr(exc))
         return DatabaseReplaced(f"cannot reopen {self._path}: {exc}")
 
-    async def unresolved_ips(self) -> list[str]:
+    async def unresolved_ips(self, backoff: RetryBackoff | None = None) -> list[str]:
         if self._closed_for_reopen or changed_files(self._opened, identify(self._path)):
             await self._reopen("read")
-        async with self._db.execute(SELECT_UNRESOLVED) as cursor:
+        query: str = SELECT_UNRESOLVED
+        params: tuple[str, ...] = ()
+        if backoff is not None:
+            query = SELECT_DUE.format("?", "?")
+            params = (backoff.young_after, backoff.tried_before)
+        async with self._db.execute(query, params) as cursor:
             return [str(row[0]) async for row in cursor]
+
+    async def count_unseen(self, before: str) -> int:
+        async with self._db.execute(COUNT_UNSEEN.format("?"), (before,)) as cursor:
+            found = await cursor.fetchone()
+        return 0 if found is None else int(found[0])
+
+    async def prune(self, before: str, chunk: int) -> int:
+        """Each chunk is one autocommit DELETE of rows found by a read just before: the write
+        lock is held for ``chunk`` primary-key deletes at a time (the writer waits for them
+        within its busy timeout), and the loop yields between chunks."""
+        deleted, after = 0, ""
+        page = UNSEEN_PAGE.format("?", "?", "?")
+        delete = DELETE_UNSEEN.format("SELECT value FROM json_each(?)", "?")
+        while True:
+            async with self._db.execute(page, (after, before, chunk)) as cursor:
+                ips = [str(found[0]) async for found in cursor]
+            if not ips:
+                return deleted
+            async with self._transaction:
+                cursor = await self._db.execute(delete, (json.dumps(ips), before))
+            deleted += max(cursor.rowcount, 0)
+            after = ips[-1]
+            await asyncio.sleep(0)
 
     async def stale_ips(self, older_than: str, limit: int) -> list[str]:
         if self._closed_for_reopen or changed_files(self._opened, identify(self._path)):

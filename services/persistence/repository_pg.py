@@ -23,13 +23,20 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 
 from services.persistence.pg_url import CONNECT_TIMEOUT_S, redacted, scrub
+from services.persistence.ports import RetryBackoff, Sightings
 from services.persistence.repository import (
     ADDED_COLUMNS,
+    COUNT_UNSEEN,
+    DELETE_UNSEEN,
+    MARK_SEEN,
     ON_CONFLICT,
+    ON_CONFLICT_TEMPLATE,
     ROW_COLUMNS,
+    SELECT_DUE,
     SELECT_STALE,
     SELECT_UNRESOLVED,
     UNRESOLVED_INDEX,
+    UNSEEN_PAGE,
     known_row,
     select_known,
 )
@@ -48,17 +55,23 @@ CREATE TABLE IF NOT EXISTS geo_cache (
     org          TEXT,
     cached_at    TEXT COLLATE "C" NOT NULL,
     resolution   TEXT,
-    provider     TEXT
+    provider     TEXT,
+    failed_since TEXT,
+    last_seen    TEXT
 )
 """
 # Serializes schema creation between instances starting together (an arbitrary constant).
 SCHEMA_LOCK = 0x6765_6F63  # "geoc"
 
-UPSERT = (
+_INSERT = (
     f"INSERT INTO geo_cache ({', '.join(ROW_COLUMNS)}) SELECT * FROM unnest("
     + ", ".join("%b::text[]" for _ in ROW_COLUMNS)  # binary: no array text to parse
-    + f"){ON_CONFLICT}"
+    + ")"
 )
+UPSERT = _INSERT + ON_CONFLICT
+# With the retried IPs (see repository.ON_CONFLICT_TEMPLATE) as a last array parameter.
+UPSERT_RETRIED = _INSERT + ON_CONFLICT_TEMPLATE.format(retried="excluded.ip = ANY(%b::text[])")
+MARK_SEEN_PG = MARK_SEEN.format("%s", "SELECT unnest(%s::text[])", "%s")
 
 # A server that became a read-only standby (a failover): reconnecting finds the new primary
 # where the URL lists several hosts with target_session_attrs=read-write.
@@ -111,32 +124,100 @@ class PostgresGeoRepository:
     def where(self) -> str:
         return redacted(self._url)
 
-    async def upsert_many(self, rows: Sequence[GeoRow]) -> int:
-        """Apply ``rows`` in one statement, hence one transaction and one commit."""
-        if not rows:
+    async def upsert_many(
+        self,
+        rows: Sequence[GeoRow],
+        retried: Sequence[str] = (),
+        seen: Sightings | None = None,
+    ) -> int:
+        """Apply ``rows`` in one statement, hence one transaction and one commit; with
+        sightings, the upsert and their update in one transaction."""
+        if seen is not None and not seen.ips:
+            seen = None
+        if not rows and seen is None:
             return 0
-        params = columns(fold(rows))
+        params: list[object] = list(columns(fold(rows))) if rows else []
+        if retried:
+            params.append(list(retried))
         async with self._lock:
             db = await self._connection()
             try:
-                cursor = await db.execute(UPSERT, params)
+                if seen is None:
+                    cursor = await db.execute(UPSERT_RETRIED if retried else UPSERT, params)
+                    changed = max(cursor.rowcount, 0)
+                else:
+                    changed = await self._upsert_seen(db, rows, params, bool(retried), seen)
             except psycopg.errors.UndefinedTable as exc:  # dropped while we ran: make it again
                 await ensure_schema(db)
                 raise Transient(f"geo_cache was missing at {self.where}: recreated") from exc
             except (psycopg.OperationalError, psycopg.InterfaceError, ReadOnly) as exc:
                 raise await self._transient("write", exc) from exc
         self.commits += 1
-        return max(cursor.rowcount, 0)
+        return changed
 
-    async def unresolved_ips(self) -> list[str]:
+    async def _upsert_seen(
+        self,
+        db: AsyncConnection[TupleRow],
+        rows: Sequence[GeoRow],
+        params: list[object],
+        retried: bool,
+        seen: Sightings,
+    ) -> int:
+        changed = 0
+        async with db.transaction():
+            if rows:
+                cursor = await db.execute(UPSERT_RETRIED if retried else UPSERT, params)
+                changed = max(cursor.rowcount, 0)
+            # In IP order, as the rows: two writers lock overlapping rows in the same order.
+            await db.execute(MARK_SEEN_PG, (seen.at, sorted(seen.ips), seen.day_start))
+        return changed
+
+    async def unresolved_ips(self, backoff: RetryBackoff | None = None) -> list[str]:
+        query: str = SELECT_UNRESOLVED
+        args: tuple[str, ...] = ()
+        if backoff is not None:
+            query = SELECT_DUE.format("%s", "%s")
+            args = (backoff.young_after, backoff.tried_before)
         async with self._lock:
             db = await self._connection()
             try:
-                cursor = await db.execute(SELECT_UNRESOLVED)
+                cursor = await db.execute(query, args)
                 found = await cursor.fetchall()
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 raise await self._transient("read", exc) from exc
         return [str(row[0]) for row in found]
+
+    async def count_unseen(self, before: str) -> int:
+        async with self._lock:
+            db = await self._connection()
+            try:
+                cursor = await db.execute(COUNT_UNSEEN.format("%s"), (before,))
+                found = await cursor.fetchone()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                raise await self._transient("read", exc) from exc
+        return 0 if found is None else int(found[0])
+
+    async def prune(self, before: str, chunk: int) -> int:
+        """Pages along the primary key, each a read then a DELETE of at most ``chunk`` rows
+        (autocommit: one transaction each, so row locks are held for one chunk at a time); the
+        DELETE checks the condition again on each row's latest version."""
+        deleted, after = 0, ""
+        page = UNSEEN_PAGE.format("%s", "%s", "%s")
+        delete = DELETE_UNSEEN.format("SELECT unnest(%s::text[])", "%s")
+        while True:
+            async with self._lock:
+                db = await self._connection()
+                try:
+                    found = await (await db.execute(page, (after, before, chunk))).fetchall()
+                    ips = [str(r[0]) for r in found]
+                    if not ips:
+                        return deleted
+                    cursor = await db.execute(delete, (ips, before))
+                except (psycopg.OperationalError, psycopg.InterfaceError, ReadOnly) as exc:
+                    raise await self._transient("prune", exc) from exc
+            deleted += max(cursor.rowcount, 0)
+            after = ips[-1]
+            await asyncio.sleep(0)
 
     async def stale_ips(self, older_than: str, limit: int) -> list[str]:
         async with self._lock:

@@ -1,5 +1,6 @@
 """The resolver's memory: resolved entries (bounded, LRU), the dirty set not yet persisted, the
-entries in flight to persistence, and the negative cache of failed lookups.
+entries in flight to persistence, the negative cache of failed lookups, and the sightings (IPs
+``ip.seen`` mentioned) since the last flush, for ``geo_cache.last_seen``.
 
 Pure and synchronous: the caller passes ``now`` and nothing here touches the clock, the network
 or the broker, so the flush and retry rules are unit-tested directly. ``take_dirty`` swaps the
@@ -16,6 +17,16 @@ from services.resolver.geo import Geo
 from shared.messages import iso_utc_from_epoch
 
 _MAX_INTERNED = 65_536
+# Addresses noted as seen (or retried) between two flushes, at most: a bound on memory that
+# does not grow with the cache (~70 B each: a reference and the message's string). Past it,
+# sightings are dropped until the flush (counted): last_seen is a day stamp, and an IP seen
+# again the next window is noted then.
+MAX_SIGHTINGS = 50_000
+
+
+class FlushSightings(NamedTuple):
+    seen: list[str]  # IPs seen that this flush carries no sighting row for, in IP order
+    retried: frozenset[str]  # IPs of this flush's rows answered for a retry, not a sighting
 
 
 class DirtyEntry(NamedTuple):  # a tuple: a flush builds one per row, so creation must be cheap
@@ -39,6 +50,13 @@ class GeoCache:
         self._stamps: dict[str, float | str] = {}
         self._interned: dict[Geo, Geo] = {}
         self._interned_ids: dict[int, Geo] = {}  # id -> the interned object, kept alive
+        # Per flush window, not per entry: emptied by take_sightings, bounded by MAX_SIGHTINGS.
+        # ip.seen's addresses as they came, in one flat list (no object per delivery for the
+        # garbage collector to track); deduplicated at flush.
+        self._seen: list[str] = []
+        self._retried: set[str] = set()
+        self._taken: dict[str, float] = {}  # the dirty set the last take_dirty swapped out
+        self.sightings_dropped = 0
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -155,8 +173,42 @@ class GeoCache:
     def take_dirty(self) -> list[DirtyEntry]:
         """Swap out the dirty set; the entries stay pinned as in-flight until confirmed."""
         dirty, self._dirty = self._dirty, {}
+        self._taken = dirty
         self._in_flight.update(dirty)
         return [DirtyEntry(ip, self._entries[ip], at) for ip, at in dirty.items()]
+
+    def note_seen(self, ips: list[str]) -> None:
+        """``ip.seen`` mentioned ``ips``: one C-level extend per delivery; the flush
+        deduplicates them, off this path."""
+        seen = self._seen
+        if len(seen) < MAX_SIGHTINGS:
+            seen.extend(ips)
+        else:
+            self.sightings_dropped += len(ips)
+
+    def note_retried(self, ips: list[str]) -> None:
+        """``ips`` are looked up for a retry or refresh: their rows are no sighting."""
+        retried = self._retried
+        if len(retried) >= MAX_SIGHTINGS:
+            retried.clear()  # lookups that never produced a row (a failed refresh): forget them
+        retried.update(ips)
+
+    def take_sightings(self) -> FlushSightings:
+        """The sightings since the last call, against the dirty set ``take_dirty`` just took:
+        a row of that flush says itself that its IP was seen, unless it answered a retry."""
+        taken, self._taken = self._taken, {}
+        mentioned, self._seen = self._seen, []
+        seen = set(mentioned)
+        retried = self._retried.intersection(taken)
+        if retried:
+            self._retried.difference_update(retried)
+        seen.difference_update(taken.keys() - retried)
+        return FlushSightings(sorted(seen), frozenset(retried))
+
+    def restore_sightings(self, sightings: FlushSightings) -> None:
+        """Put back what a failed flush did not deliver (newer sightings stay)."""
+        self._retried.update(sightings.retried)
+        self.note_seen(sightings.seen)
 
     def confirm_flushed(self, entries: Iterable[DirtyEntry]) -> None:
         for entry in entries:

@@ -8,13 +8,13 @@ anywhere puts the entries back in the dirty set and keeps the deliveries held.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from services.resolver.cache import DirtyEntry
+from services.resolver.sightings import upsert_bodies
 from shared import topology
-from shared.messages import MAX_ROWS_PER_UPSERT, encode_rows, resolved_body, upsert_body
+from shared.messages import MAX_ROWS_PER_UPSERT, encode_rows, resolved_body
 
 if TYPE_CHECKING:
     from services.resolver.handlers import ResolverDeps
@@ -31,14 +31,15 @@ async def flush(deps: ResolverDeps, *, trigger: str) -> int:
         started = time.perf_counter()
         tickets, state.held = state.held, []
         entries = cache.take_dirty()
-        rows = batches(entries)
+        sightings = cache.take_sightings()
+        rows = batches(entries)  # sorts entries by IP
+        bodies = upsert_bodies(entries, rows, sightings, cache, deps.clock())
         try:
-            if rows:
-                await deps.publisher.publish_bodies(
-                    topology.UPSERT, [upsert_body(uuid.uuid4().hex, r) for r in rows]
-                )
+            if bodies:
+                await deps.publisher.publish_bodies(topology.UPSERT, bodies)
         except BaseException:
             cache.restore_dirty(entries)
+            cache.restore_sightings(sightings)
             state.held[:0] = tickets
             raise
         cache.confirm_flushed(entries)
@@ -53,6 +54,7 @@ async def flush(deps: ResolverDeps, *, trigger: str) -> int:
                 trigger=trigger,
                 rows=len(entries),
                 batches=len(rows),
+                seen=len(sightings.seen),
                 acked=len(tickets),
                 cached=len(cache),
                 duration_ms=round((time.perf_counter() - started) * 1000, 1),

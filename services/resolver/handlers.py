@@ -73,6 +73,7 @@ class ResolverDeps:
 async def on_ip_seen(event: IpSeen, ticket: Ticket, deps: ResolverDeps) -> None:
     await wait_for_room(deps)
     ips = event.addresses
+    deps.cache.note_seen(ips)
     await _resolve(await not_known(deps.cache.missing(ips, deps.clock()), deps), deps)
     await hold_or_ack(ips, ticket, deps)
 
@@ -92,6 +93,7 @@ async def not_known(misses: list[str], deps: ResolverDeps) -> list[str]:
 
 async def on_retry_unresolved(cmd: RetryUnresolved, ticket: Ticket, deps: ResolverDeps) -> None:
     await wait_for_room(deps)
+    deps.cache.note_retried(cmd.ips)
     if cmd.refresh:
         refreshed = await _refresh(cmd.ips, deps)
         deps.log.info("geo_refresh_ran", tick_id=cmd.tick_id, ips=len(cmd.ips), refreshed=refreshed)

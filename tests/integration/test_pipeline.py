@@ -225,11 +225,15 @@ async def test_re_resolve_round_trip(pipeline: Pipeline) -> None:
     await wait_for_topology(pipeline.amqp_url)
     with sqlite3.connect(pipeline.db_path) as db:  # schema migrated: add a failed, a rejected row
         db.execute(
-            "INSERT INTO geo_cache VALUES ('9.9.9.9', NULL, NULL, NULL, NULL,"
+            "INSERT INTO geo_cache (ip, country_code, country_name, asn, org, cached_at,"
+            " resolution, provider)"
+            " VALUES ('9.9.9.9', NULL, NULL, NULL, NULL,"
             " '2020-01-01T00:00:00.000000Z', 'failed', 'ip-api')"
         )
         db.execute(
-            "INSERT INTO geo_cache VALUES ('4.4.4.4', NULL, NULL, NULL, NULL,"
+            "INSERT INTO geo_cache (ip, country_code, country_name, asn, org, cached_at,"
+            " resolution, provider)"
+            " VALUES ('4.4.4.4', NULL, NULL, NULL, NULL,"
             " '2020-01-01T00:00:00.000000Z', 'rejected', 'ip-api')"
         )
     pipeline.start("resolver")

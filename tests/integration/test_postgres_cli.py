@@ -124,7 +124,7 @@ def test_import_copies_a_current_file_under_the_upsert_rules(
     code, out, err = run(capsys, monkeypatch, env, "import-sqlite", str(path))
     assert (code, err) == (0, "")
     lines = out.splitlines()
-    assert lines[0] == f"read 2505 rows from {path} (8 columns, bangui-geo table)"
+    assert lines[0] == f"read 2505 rows from {path} (10 columns, bangui-geo table)"
     assert lines[1].startswith("wrote 3 batches to postgresql://postgres@127.0.0.1:5432/")
     assert (
         ": 2503 rows written (inserted, or replacing an answer as old or older), 2 kept" in lines[1]

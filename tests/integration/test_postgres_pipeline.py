@@ -105,7 +105,9 @@ async def test_re_resolve_round_trip_on_postgres(pipeline: PgPipeline) -> None:
     )
     with psycopg.connect(pipeline.pg_url) as db:
         db.execute(
-            "INSERT INTO geo_cache VALUES ('9.9.9.9', NULL, NULL, NULL, NULL,"
+            "INSERT INTO geo_cache (ip, country_code, country_name, asn, org, cached_at,"
+            " resolution, provider)"
+            " VALUES ('9.9.9.9', NULL, NULL, NULL, NULL,"
             " '2020-01-01T00:00:00.000000Z', 'failed', 'ip-api'),"
             " ('4.4.4.4', NULL, NULL, NULL, NULL, '2020-01-01T00:00:00.000000Z', 'rejected',"
             " 'ip-api')"

@@ -92,7 +92,8 @@ async def test_instances_starting_together_create_the_schema_once(pg_url: str) -
             " WHERE table_name = 'geo_cache' ORDER BY ordinal_position"
         ).fetchall()
     assert [c[0] for c in columns] == [
-        "ip", "country_code", "country_name", "asn", "org", "cached_at", "resolution", "provider"
+        "ip", "country_code", "country_name", "asn", "org", "cached_at", "resolution", "provider",
+        "failed_since", "last_seen",
     ]  # fmt: skip
     assert {c[1] for c in columns} == {"text"}
     assert dict((c[0], c[2]) for c in columns)["cached_at"] == "C"

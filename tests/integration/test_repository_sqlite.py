@@ -178,7 +178,7 @@ async def test_an_original_bangui_table_is_migrated_in_place(db_path: Path) -> N
             "Google LLC",
         )
         columns = [c[1] for c in db.execute("PRAGMA table_info(geo_cache)")]
-    assert columns[-2:] == ["resolution", "provider"]
+    assert columns[6:] == ["resolution", "provider", "failed_since", "last_seen"]
 
 
 async def test_only_failed_rows_are_unresolved(repository: SqliteGeoRepository) -> None:

@@ -7,7 +7,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import iptocc
 import pycountry
@@ -122,30 +122,20 @@ class FlakyStore:
         store = self
 
         class Flaky:
-            commits = property(lambda _: real.commits)
-            reopens = property(lambda _: real.reopens)
+            """Everything but ``upsert_many`` is the real store's."""
 
-            async def upsert_many(self, rows: Sequence[GeoRow]) -> int:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            async def upsert_many(self, rows: Sequence[GeoRow], *args: Any, **kw: Any) -> int:
                 for row in rows:
                     if row.ip in store.failures:
                         store.attempts[row.ip] += 1
                         if store.attempts[row.ip] <= store.failures[row.ip]:
                             raise RuntimeError(f"disk trouble at {row.ip}")
-                return await real.upsert_many(rows)
+                return await real.upsert_many(rows, *args, **kw)
 
-            async def unresolved_ips(self) -> list[str]:
-                return await real.unresolved_ips()
-
-            async def known_rows(self, ips: Sequence[str]) -> list[GeoRow]:
-                return await real.known_rows(ips)
-
-            async def stale_ips(self, older_than: str, limit: int) -> list[str]:
-                return await real.stale_ips(older_than, limit)
-
-            async def close(self) -> None:
-                await real.close()
-
-        return Flaky()
+        return cast(GeoRepository, Flaky())
 
 
 def upsert(batch_id: str, ip: str) -> dict[str, Any]:
@@ -232,8 +222,8 @@ async def test_re_resolve_round_trip(pipeline: Pipeline) -> None:
             ("4.4.4.4", "rejected"),
         ]:
             db.execute(
-                "INSERT INTO geo_cache VALUES (?, NULL, NULL, NULL, NULL,"
-                " '2020-01-01T00:00:00.000000Z', ?, 'ip-api')",
+                "INSERT INTO geo_cache (ip, cached_at, resolution, provider)"
+                " VALUES (?, '2020-01-01T00:00:00.000000Z', ?, 'ip-api')",
                 (ip, resolution),
             )
     pipeline.start("resolver")

@@ -6,7 +6,6 @@ dead-lettering of a rejected message, exclusive queues gone with their connectio
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import pytest
@@ -146,20 +145,32 @@ async def test_one_timer_leads_and_a_standby_takes_over_when_it_closes() -> None
     from services.timer import bootstrap as timer
 
     broker = MemoryBroker()
-    settings = Settings(flush_interval=0.05, re_resolve_interval=3600)
+    interval = 0.05
+    settings = Settings(flush_interval=interval, re_resolve_interval=3600)
     broker.declare("flushes", ("geo.flush",), dead_letter=False)
+
+    async def ticks(at_least: int, within: float = 5.0) -> list[Any]:
+        got: list[Any] = []
+        deadline = asyncio.get_running_loop().time() + within
+        while len(got) < at_least and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+            got += broker.take("flushes")
+        return got
+
     first_stop, second_stop = asyncio.Event(), asyncio.Event()
     first = asyncio.create_task(timer.run(settings, first_stop, transport=broker.open))
-    await asyncio.sleep(0.3)
+    assert len(await ticks(3)) >= 3
     second = asyncio.create_task(timer.run(settings, second_stop, transport=broker.open))
-    await asyncio.sleep(0.3)
-    ticks = broker.take("flushes")
-    led_by_one = {json.loads(m.body)["tick_id"] for m in ticks}
-    assert len(ticks) == len(led_by_one) >= 3  # one publisher: no tick twice
+    broker.take("flushes")
+    window = 0.5
+    await asyncio.sleep(window)
+    both_running = broker.take("flushes")
+    # One publisher: at most one tick per interval (two would send about twice as many).
+    assert len(both_running) <= window / interval + 2
+    assert len(broker.leaders) == 1
     first_stop.set()
     await asyncio.wait_for(first, 5)
-    await asyncio.sleep(0.5)
-    assert broker.take("flushes")  # the standby leads now
+    assert await ticks(1)  # the standby leads now
     second_stop.set()
     await asyncio.wait_for(second, 5)
     assert broker.leaders == {}

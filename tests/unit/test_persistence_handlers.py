@@ -16,6 +16,7 @@ from services.persistence.handlers import (
     on_geo_upsert_batch,
     on_re_resolve,
 )
+from services.persistence.ports import Sightings
 from services.persistence.repository import DatabaseReplaced
 from shared import topology
 from shared.errors import Rejected, Transient
@@ -150,7 +151,9 @@ async def test_re_resolve_publish_failure_propagates(
 class BrokenRepository(InMemoryGeoRepository):
     error: Exception | None = None
 
-    async def upsert_many(self, rows: Sequence[GeoRow]) -> int:
+    async def upsert_many(
+        self, rows: Sequence[GeoRow], retried: Sequence[str] = (), seen: Sightings | None = None
+    ) -> int:
         assert self.error is not None
         raise self.error
 
@@ -211,3 +214,65 @@ async def test_a_replaced_database_file_becomes_transient() -> None:
     with pytest.raises(Transient, match="deleted or replaced"):
         await on_geo_upsert_batch(GeoUpsertBatch(batch_id="b", rows=[geo_row("8.8.8.8")]), deps)
     assert deps.state.batches == 0
+
+
+async def test_re_resolve_asks_for_the_failed_rows_due_under_the_back_off(
+    repository: InMemoryGeoRepository, publisher: FakePublisher
+) -> None:
+    deps = PersistenceDeps(
+        repository=repository, publisher=publisher, clock=WHEN.timestamp, failed_max_age=3600.0
+    )
+    await on_re_resolve(re_resolve(), deps)
+    (backoff,) = repository.backoffs
+    assert backoff is not None
+    assert backoff.young_after == iso_utc(WHEN - timedelta(hours=1))
+    assert backoff.tried_before == iso_utc(WHEN - timedelta(days=1))
+
+
+async def test_without_a_failed_max_age_every_failed_row_is_retried(
+    deps: PersistenceDeps, repository: InMemoryGeoRepository
+) -> None:
+    await on_re_resolve(re_resolve(), deps)
+    assert repository.backoffs == [None]
+
+
+async def test_retried_ips_and_sightings_reach_the_repository(
+    deps: PersistenceDeps, repository: InMemoryGeoRepository
+) -> None:
+    seen_at = iso_utc(WHEN)
+    batch = GeoUpsertBatch.model_validate(
+        {
+            "batch_id": "b",
+            "rows": [geo_row("8.8.8.8", "US"), geo_row("9.9.9.9")],
+            "retried": ["9.9.9.9"],
+            "seen": {"at": seen_at, "ips": ["1.1.1.1", "2001:DB8::1"]},
+        }
+    )
+    await on_geo_upsert_batch(batch, deps)
+    assert repository.retried == ["9.9.9.9"]
+    assert repository.seen == [Sightings(["1.1.1.1", "2001:db8::1"], seen_at)]
+    assert repository.seen[0].day_start == "2027-01-15T00:00:00.000000Z"
+
+
+async def test_a_batch_without_the_new_fields_is_applied_as_before(
+    deps: PersistenceDeps, repository: InMemoryGeoRepository
+) -> None:
+    await on_geo_upsert_batch(GeoUpsertBatch(batch_id="b", rows=[geo_row("8.8.8.8", "US")]), deps)
+    assert (repository.retried, repository.seen) == ([], [])
+    assert list(repository.rows) == ["8.8.8.8"]
+
+
+async def test_sightings_dated_in_the_future_are_refused_whole(
+    deps: PersistenceDeps, repository: InMemoryGeoRepository
+) -> None:
+    ahead = iso_utc(WHEN + timedelta(seconds=MAX_CLOCK_SKEW_S + 60))
+    batch = GeoUpsertBatch.model_validate(
+        {
+            "batch_id": "b",
+            "rows": [geo_row("8.8.8.8", "US")],
+            "seen": {"at": ahead, "ips": ["1.1.1.1"]},
+        }
+    )
+    with pytest.raises(Rejected, match=r"seen\.at"):
+        await on_geo_upsert_batch(batch, deps)
+    assert repository.rows == {}
