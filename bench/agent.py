@@ -27,8 +27,8 @@ from bench.report import Figure, Target
 from bench.services import ServiceFailed, event_time
 from shared import topology
 from shared.amqp import declare_topology
-from tests.integration.agent_support import AgentProcess
-from tests.integration.support import service_env
+from bangui_geo.testing.agent import AgentProcess
+from bangui_geo.testing import service_env
 
 TAP = "bench.bare.agent"
 POLL_INTERVAL_S = 0.5  # the agent's default

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from bench.report import Figure, Target
-from tests.integration.support import REPO_ROOT
+from bangui_geo.testing import REPO_ROOT
 
 
 def probe(kind: str, count: int) -> dict[str, int]:

@@ -28,7 +28,7 @@ from bench.services import ServiceFailed, Services, event_time
 from services.persistence.repository import ON_CONFLICT, ROW_COLUMNS
 from services.persistence.repository_pg import PostgresGeoRepository, columns, ensure_schema
 from shared.messages import GeoRow
-from tests.postgres import fresh_database, read_rows
+from bangui_geo.testing.postgres import fresh_database, read_rows
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 ONE_ROW_UPSERT = (

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from tests.integration.support import ServiceProcess, service_env
+from bangui_geo.testing import ServiceProcess, service_env
 
 POLL_S = 0.02
 ROWS_POLL_S = 0.05  # only decides when to stop: the figures use the services' log timestamps

@@ -33,7 +33,7 @@ from bench.report import Figure, Target
 from bench.services import Services, read_status, wait_rows
 from shared import topology
 from shared.amqp import declare_topology
-from tests.integration.support import ServiceProcess, service_env
+from bangui_geo.testing import ServiceProcess, service_env
 
 RATE = 300.0  # ip.seen messages per second
 NEW_SHARE = 1 / 3  # of the messages carry an IP not published before

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.integration.support import REPO_ROOT, ServiceProcess, poll
+from bangui_geo.testing import REPO_ROOT, ServiceProcess, poll
 
 SYSTEM_FILTERS = Path("/etc/fail2ban/filter.d")
 
@@ -181,37 +181,3 @@ class TcpProxy:
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()
-
-
-class AgentProcess(ServiceProcess):
-    """``bangui-geo agent`` (as ``python -m services.cli agent``) with the given flags."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, flags: Sequence[str]) -> None:
-        super().__init__("agent", env, log_path)
-        self.flags = list(flags)
-
-    def start(self) -> AgentProcess:
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "agent", *self.flags],
-            cwd=REPO_ROOT,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-
-def run_agent_once(
-    env: dict[str, str], flags: Sequence[str], timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    """The agent run to its exit (for the start checks that end it at once)."""
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", "agent", *flags],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )

@@ -23,7 +23,7 @@ from tests.integration.agent_support import (
     TcpProxy,
     run_agent_once,
 )
-from tests.integration.support import (
+from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
     events,

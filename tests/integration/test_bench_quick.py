@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import BrokerAdmin
-from tests.integration.support import REPO_ROOT
+from bangui_geo.testing.broker import BrokerAdmin
+from bangui_geo.testing import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 

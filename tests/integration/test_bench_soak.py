@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import BrokerAdmin
+from bangui_geo.testing.broker import BrokerAdmin
 from tests.integration.test_bench_quick import LABELS, run_bench
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ import pytest
 
 from shared.amqp import BrokerUnreachable, connect_once
 from tests.integration.rabbit_nodes import Node, prepare_home
-from tests.integration.support import (
+from bangui_geo.testing import (
     DURABLE_QUEUES,
     ServiceProcess,
     async_poll,

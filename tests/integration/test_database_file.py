@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared.messages import iso_utc_from_epoch
-from tests.integration.support import (
+from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
     drain_queue,

@@ -21,7 +21,7 @@ import aio_pika
 import iptocc
 import pytest
 
-from tests.integration.support import (
+from bangui_geo.testing import (
     REPO_ROOT,
     ServiceProcess,
     async_poll,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.hostile_bodies import HOSTILE_ELSEWHERE, HOSTILE_IP_SEEN
-from tests.integration.support import (
+from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
     drain_queue,

@@ -17,7 +17,7 @@ import pytest
 
 from shared.amqp import connect_once, peek_dead_letters, replay_dead_letters
 from tests.integration.deployment import ADMIN, PUBLISHER, Deployment
-from tests.integration.support import (
+from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
     drain_queue,

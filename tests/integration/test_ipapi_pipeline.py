@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.support import (
+from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
     publish,

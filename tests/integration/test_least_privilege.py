@@ -13,7 +13,8 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from tests.integration.agent_support import AgentProcess, Fail2banServer
+from bangui_geo.testing.agent import AgentProcess
+from tests.integration.agent_support import Fail2banServer
 from tests.integration.deployment import (
     ADMIN,
     PUBLISHER,
@@ -28,7 +29,7 @@ from tests.integration.deployment import (
     outcome,
     publishing,
 )
-from tests.integration.support import (
+from bangui_geo.testing import (
     REPO_ROOT,
     ServiceProcess,
     async_poll,

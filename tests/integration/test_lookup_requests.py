@@ -17,7 +17,7 @@ import aio_pika
 import pytest
 
 from shared.client import GeoClient, LookupFailed
-from tests.integration.support import (
+from bangui_geo.testing import (
     REPO_ROOT,
     ServiceProcess,
     async_poll,

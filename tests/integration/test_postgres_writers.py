@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from shared.messages import iso_utc
-from tests.broker import BrokerAdmin
-from tests.integration.support import (
+from bangui_geo.testing.broker import BrokerAdmin
+from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
     drain_queue,
@@ -29,7 +29,7 @@ from tests.integration.support import (
     wait_for_topology,
 )
 from tests.integration.test_faults import distinct_public_ips
-from tests.postgres import read_rows
+from bangui_geo.testing.postgres import read_rows
 
 pytestmark = pytest.mark.integration
 

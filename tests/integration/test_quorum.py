@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.broker import BrokerAdmin
-from tests.integration.support import (
+from bangui_geo.testing.broker import BrokerAdmin
+from bangui_geo.testing import (
     DURABLE_QUEUES,
     async_poll,
     drain_queue,

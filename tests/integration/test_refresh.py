@@ -12,7 +12,7 @@ import pytest
 
 from services.persistence.repository import SqliteGeoRepository
 from shared.messages import GeoRow, Resolution, iso_utc
-from tests.integration.support import (
+from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
     publish,

@@ -18,7 +18,7 @@ from services.persistence.ports import GeoRepository
 from services.persistence.repository import SqliteGeoRepository
 from services.persistence.repository_pg import PostgresGeoRepository
 from shared.messages import GeoRow, Resolution, iso_utc
-from tests.postgres import read_rows
+from bangui_geo.testing.postgres import read_rows
 
 pytestmark = pytest.mark.integration
 

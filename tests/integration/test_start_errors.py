@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.integration.support import REPO_ROOT, service_env
+from bangui_geo.testing import REPO_ROOT, service_env
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,7 @@ import pytest
 from shared.amqp import BrokerUnreachable, connect_once
 from shared.client import GeoPublisher
 from tests.integration.rabbit_nodes import Node, prepare_home
-from tests.integration.support import (
+from bangui_geo.testing import (
     REPO_ROOT,
     ServiceProcess,
     async_poll,

@@ -14,9 +14,9 @@ import aio_pika
 import pytest
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
 
-from tests.broker import BrokerAdmin
+from bangui_geo.testing.broker import BrokerAdmin
 from tests.integration.deployment import Deployment, management
-from tests.integration.support import (
+from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
     events,
