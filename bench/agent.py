@@ -20,6 +20,8 @@ from pathlib import Path
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from bangui_geo.testing import service_env
+from bangui_geo.testing.agent import AgentProcess
 from bench.broker import connect, declare_bare_queue
 from bench.ips import public_ipv4
 from bench.latency import percentile
@@ -27,8 +29,6 @@ from bench.report import Figure, Target
 from bench.services import ServiceFailed, event_time
 from shared import topology
 from shared.amqp import declare_topology
-from bangui_geo.testing.agent import AgentProcess
-from bangui_geo.testing import service_env
 
 TAP = "bench.bare.agent"
 POLL_INTERVAL_S = 0.5  # the agent's default

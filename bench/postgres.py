@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psycopg
 
+from bangui_geo.testing.postgres import fresh_database, read_rows
 from bench.broker import prefill
 from bench.drain import bulk_plan, flush_triggers, rows_reached
 from bench.ips import bulk_bodies, public_ipv4
@@ -28,7 +29,6 @@ from bench.services import ServiceFailed, Services, event_time
 from services.persistence.repository import ON_CONFLICT, ROW_COLUMNS
 from services.persistence.repository_pg import PostgresGeoRepository, columns, ensure_schema
 from shared.messages import GeoRow
-from bangui_geo.testing.postgres import fresh_database, read_rows
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 ONE_ROW_UPSERT = (

@@ -27,13 +27,13 @@ import aio_pika
 from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import AMQPError
 
+from bangui_geo.testing import ServiceProcess, service_env
 from bench.broker import connect
 from bench.ips import iter_public_ipv4
 from bench.report import Figure, Target
 from bench.services import Services, read_status, wait_rows
 from shared import topology
 from shared.amqp import declare_topology
-from bangui_geo.testing import ServiceProcess, service_env
 
 RATE = 300.0  # ip.seen messages per second
 NEW_SHARE = 1 / 3  # of the messages carry an IP not published before

@@ -14,7 +14,6 @@ import asyncio
 import ipaddress
 import json
 import math
-import random
 import socket
 import threading
 import time
@@ -30,7 +29,6 @@ import pycountry
 from aiohttp import web
 
 from services.resolver.geo import Geo
-from shared.ipnorm import is_routable
 from shared.messages import Resolution
 
 MAX_BATCH = 100
@@ -102,34 +100,6 @@ def expected_geo(ip: str, overrides: Mapping[str, str] | None = None) -> Geo | N
         Resolution.RESOLVED,
         "ip-api",
     )
-
-
-def public_ips(count: int, seed: int = 7) -> list[str]:
-    """Distinct routable IPv4 (and a few IPv6) addresses the embedded data knows a country for."""
-    rng = random.Random(seed)
-    out: dict[str, None] = {}
-    while len(out) < count:
-        if len(out) % 50 == 0:
-            ip = str(ipaddress.IPv6Address((0x2001_4860 << 96) | rng.getrandbits(64)))
-        else:
-            ip = str(ipaddress.IPv4Address(rng.getrandbits(32)))
-        if is_routable(ip) and iptocc.country_code(ip):
-            out[ip] = None
-    return list(out)
-
-
-def non_global_ips(count: int, seed: int = 11) -> list[str]:
-    rng = random.Random(seed)
-    makers = [
-        lambda: f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-        lambda: f"192.168.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-        lambda: f"172.{rng.randrange(16, 32)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-        lambda: f"127.0.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-        lambda: f"100.64.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-        lambda: f"224.0.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-        lambda: f"fd00::{rng.randrange(1, 0xFFFF):x}",
-    ]
-    return list(dict.fromkeys(rng.choice(makers)() for _ in range(count)))
 
 
 @dataclass

@@ -72,3 +72,9 @@ def non_global_ips(count: int, seed: int = 11) -> list[str]:
         lambda: f"fd00::{rng.randrange(1, 0xFFFF):x}",
     ]
     return list(dict.fromkeys(rng.choice(makers)() for _ in range(count)))
+
+
+def known_public_ips(count: int, seed: int = 7) -> list[str]:
+    """Addresses the embedded data knows a country for, every 50th an IPv6 one: what a provider
+    stand-in answers (``public_ips`` with ``known=True, ipv6_every=50``)."""
+    return public_ips(count, seed, known=True, ipv6_every=50)

@@ -206,9 +206,9 @@ class ServiceGroup:
         return self.processes[name].stop(timeout)
 
     def stop_all(self) -> dict[str, int]:
-        """SIGTERM every service, in ``STOP_ORDER``; their exit codes by name."""
-        rank = {name: i for i, name in enumerate(STOP_ORDER)}
-        names = sorted(self.processes, key=lambda n: rank.get(n, len(rank)))
+        """SIGTERM every service, in ``STOP_ORDER`` of their kinds; their exit codes by name."""
+        rank = {service: i for i, service in enumerate(STOP_ORDER)}
+        names = sorted(self.processes, key=lambda n: rank.get(self.processes[n].name, len(rank)))
         return {name: self.processes[name].stop() for name in names}
 
     def kill_all(self) -> None:

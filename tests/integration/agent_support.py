@@ -10,14 +10,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from bangui_geo.testing import REPO_ROOT, ServiceProcess, poll
+from bangui_geo.testing import poll
 
 SYSTEM_FILTERS = Path("/etc/fail2ban/filter.d")
 

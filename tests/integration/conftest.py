@@ -4,8 +4,6 @@ tap on the timer's ``geo.flush`` commands."""
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from pathlib import Path

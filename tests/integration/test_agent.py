@@ -16,13 +16,6 @@ from urllib.parse import urlsplit
 import aio_pika
 import pytest
 
-from shared.amqp import declare_topology
-from tests.integration.agent_support import (
-    AgentProcess,
-    Fail2banServer,
-    TcpProxy,
-    run_agent_once,
-)
 from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
@@ -30,6 +23,13 @@ from bangui_geo.testing import (
     read_rows,
     service_env,
     wait_for_topology,
+)
+from shared.amqp import declare_topology
+from tests.integration.agent_support import (
+    AgentProcess,
+    Fail2banServer,
+    TcpProxy,
+    run_agent_once,
 )
 from tests.integration.test_observability import free_port, get, metric
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from bangui_geo.testing.broker import BrokerAdmin
 from bangui_geo.testing import REPO_ROOT
+from bangui_geo.testing.broker import BrokerAdmin
 
 pytestmark = pytest.mark.integration
 

@@ -19,20 +19,18 @@ from typing import Any
 import aio_pika
 import pytest
 
-from shared import amqp, topology
-from shared.client import BrokerUnreachable, GeoPublisher, PublishFailed
 from bangui_geo.testing import (
     REPO_ROOT,
     ServiceGroup,
-    public_ips,
     async_poll,
     drain_queue,
     publish,
     read_rows,
     ready_count,
-    service_env,
-    wait_for_topology,
 )
+from bangui_geo.testing.ips import known_public_ips
+from shared import amqp, topology
+from shared.client import BrokerUnreachable, GeoPublisher, PublishFailed
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +56,9 @@ async def rows_for(group: ServiceGroup, ips: set[str], what: str) -> dict[str, t
     return found
 
 
-async def test_readme_client_example_runs_as_written(service_group: ServiceGroup, tmp_path: Path) -> None:
+async def test_readme_client_example_runs_as_written(
+    service_group: ServiceGroup, tmp_path: Path
+) -> None:
     await service_group.start_pipeline()
     script = tmp_path / "example.py"
     script.write_text(readme_example())
@@ -255,11 +255,13 @@ async def test_dead_letters_list_and_replay(service_group: ServiceGroup) -> None
     assert [json.loads(m.body) for m in back] == [{"ip": "nope"}]
 
 
-async def test_backup_during_a_stream_is_consistent(service_group: ServiceGroup, tmp_path: Path) -> None:
+async def test_backup_during_a_stream_is_consistent(
+    service_group: ServiceGroup, tmp_path: Path
+) -> None:
     await service_group.start_pipeline()
     """Backups taken while persistence commits: each copy passes integrity_check, holds a
     snapshot (never fewer rows than the copy before it, every row as the final table has it)."""
-    ips = public_ips(30_000, seed=23, known=True, ipv6_every=50)
+    ips = known_public_ips(30_000, seed=23)
     bodies = [{"ips": ips[i : i + 250]} for i in range(0, len(ips), 250)]
 
     async def stream() -> None:

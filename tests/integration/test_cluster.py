@@ -20,8 +20,6 @@ from typing import Any
 
 import pytest
 
-from shared.amqp import BrokerUnreachable, connect_once
-from tests.integration.rabbit_nodes import Node, prepare_home
 from bangui_geo.testing import (
     DURABLE_QUEUES,
     ServiceProcess,
@@ -33,6 +31,8 @@ from bangui_geo.testing import (
     service_env,
     wait_for_topology,
 )
+from shared.amqp import BrokerUnreachable, connect_once
+from tests.integration.rabbit_nodes import Node, prepare_home
 from tests.integration.test_faults import distinct_public_ips
 from tests.integration.test_pipeline import expected_row
 from tests.integration.test_scale_out import logged

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from shared.messages import iso_utc_from_epoch
 from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
@@ -20,6 +19,7 @@ from bangui_geo.testing import (
     service_env,
     wait_for_topology,
 )
+from shared.messages import iso_utc_from_epoch
 
 pytestmark = pytest.mark.integration
 

@@ -8,22 +8,19 @@ import json
 import sqlite3
 import subprocess
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import aio_pika
 import pytest
 
-from shared.ipnorm import is_routable
-from bangui_geo.testing.broker import BrokerAdmin
 from bangui_geo.testing import (
     ServiceGroup,
     async_poll,
     drain_queue,
-    publish,
     public_ips,
+    publish,
     wait_for_topology,
 )
+from bangui_geo.testing.broker import BrokerAdmin
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.hostile_bodies import HOSTILE_ELSEWHERE, HOSTILE_IP_SEEN
 from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
@@ -18,6 +17,7 @@ from bangui_geo.testing import (
     service_env,
     wait_for_topology,
 )
+from tests.hostile_bodies import HOSTILE_ELSEWHERE, HOSTILE_IP_SEEN
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,6 @@ from typing import Any
 import aio_pika
 import pytest
 
-from shared.amqp import connect_once, peek_dead_letters, replay_dead_letters
-from tests.integration.deployment import ADMIN, PUBLISHER, Deployment
 from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
@@ -27,6 +25,8 @@ from bangui_geo.testing import (
     ready_count,
     service_env,
 )
+from shared.amqp import connect_once, peek_dead_letters, replay_dead_letters
+from tests.integration.deployment import ADMIN, PUBLISHER, Deployment
 
 pytestmark = pytest.mark.integration
 

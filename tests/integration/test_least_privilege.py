@@ -13,6 +13,15 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
+from bangui_geo.testing import (
+    REPO_ROOT,
+    ServiceProcess,
+    async_poll,
+    drain_queue,
+    publish,
+    read_rows,
+    service_env,
+)
 from bangui_geo.testing.agent import AgentProcess
 from tests.integration.agent_support import Fail2banServer
 from tests.integration.deployment import (
@@ -28,15 +37,6 @@ from tests.integration.deployment import (
     management,
     outcome,
     publishing,
-)
-from bangui_geo.testing import (
-    REPO_ROOT,
-    ServiceProcess,
-    async_poll,
-    drain_queue,
-    publish,
-    read_rows,
-    service_env,
 )
 
 pytestmark = pytest.mark.integration

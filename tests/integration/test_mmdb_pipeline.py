@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,7 @@ from bangui_geo.testing import (
     ServiceGroup,
     async_poll,
     publish,
-    read_rows,
     service_env,
-    wait_for_topology,
 )
 from tests.mmdb_files import asn, dbip_country, geolite2_city, registered_only, write_mmdb
 

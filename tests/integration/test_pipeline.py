@@ -1,31 +1,26 @@
-"""The whole pipeline against a real RabbitMQ and a real SQLite file: the three services run as
-subprocesses by their contract start commands, in a fresh vhost per test."""
+"""The whole pipeline against a real RabbitMQ and a real SQLite file (the tests that only look at
+rows also against PostgreSQL): the three services run as subprocesses by their contract start
+commands, in a fresh vhost per test."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aio_pika
-import iptocc
-import pycountry
 import pytest
 
-from bangui_geo.testing.expected import expected_row
-from shared.ipnorm import normalize_ip
 from bangui_geo.testing import (
     ServiceGroup,
-    public_ips,
     async_poll,
     drain_queue,
+    public_ips,
     publish,
-    read_rows,
     ready_count,
-    service_env,
     wait_for_topology,
 )
+from bangui_geo.testing.expected import expected_row
+from shared.ipnorm import normalize_ip
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +165,7 @@ async def test_killed_resolver_loses_nothing(any_store: ServiceGroup) -> None:
 async def test_re_resolve_round_trip(service_group: ServiceGroup) -> None:
     # Rows left unresolved earlier (a provider outage, or the original BanGUI's table) are
     # retried; not-global and rejected rows never are.
-        with sqlite3.connect(service_group.db_path) as db:
+    with sqlite3.connect(service_group.db_path) as db:
         db.execute(
             "CREATE TABLE geo_cache (ip TEXT PRIMARY KEY, country_code TEXT, country_name TEXT,"
             " asn TEXT, org TEXT, cached_at TEXT NOT NULL)"  # the original BanGUI's columns
@@ -181,7 +176,8 @@ async def test_re_resolve_round_trip(service_group: ServiceGroup) -> None:
         )
     service_group.start("persistence")
     await wait_for_topology(service_group.amqp_url)
-    with sqlite3.connect(service_group.db_path) as db:  # schema migrated: add a failed, a rejected row
+    db_path = service_group.db_path
+    with sqlite3.connect(db_path) as db:  # schema migrated: add a failed, a rejected row
         db.execute(
             "INSERT INTO geo_cache VALUES ('9.9.9.9', NULL, NULL, NULL, NULL,"
             " '2020-01-01T00:00:00.000000Z', 'failed', 'ip-api')"
@@ -221,7 +217,9 @@ async def _all_delivered(service_group: ServiceGroup) -> bool:
     return await ready_count(service_group.amqp_url, "geo.resolver.ip_seen") == 0
 
 
-async def test_copies_routed_around_the_topology_are_dead_lettered(service_group: ServiceGroup) -> None:
+async def test_copies_routed_around_the_topology_are_dead_lettered(
+    service_group: ServiceGroup,
+) -> None:
     # RabbitMQ 3.x topic permissions ignore CC/BCC, and the default exchange routes by queue
     # name: a consumer refuses any delivery whose routing key its queue is not bound to.
     service_group.start("persistence")
@@ -239,7 +237,9 @@ async def test_copies_routed_around_the_topology_are_dead_lettered(service_group
         )
         await channel.default_exchange.publish(aio_pika.Message(forged), "geo.persistence.upsert")
 
-    await async_poll(lambda: "8.8.8.8" in service_group.rows(), deadline_s=15, what="the real ip.seen")
+    await async_poll(
+        lambda: "8.8.8.8" in service_group.rows(), deadline_s=15, what="the real ip.seen"
+    )
 
     async def two_dead_letters() -> list[aio_pika.abc.AbstractIncomingMessage] | None:
         got = await drain_queue(service_group.amqp_url, "geo.dead_letter")

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 
-from bangui_geo.testing.broker import BrokerAdmin
 from bangui_geo.testing import (
-    ServiceGroup,
     REPO_ROOT,
+    ServiceGroup,
     async_poll,
     drain_queue,
     events,
@@ -29,8 +26,10 @@ from bangui_geo.testing.postgres import admin_url
 
 pytestmark = pytest.mark.integration
 
+
 async def test_re_resolve_round_trip_on_postgres(pg_service_group: ServiceGroup) -> None:
-    with psycopg.connect(pg_service_group.env["GEO_DB_URL"]) as db:  # the original BanGUI's six columns
+    pg_url = pg_service_group.env["GEO_DB_URL"]
+    with psycopg.connect(pg_url) as db:  # the original BanGUI's six columns
         db.execute(
             "CREATE TABLE geo_cache (ip TEXT PRIMARY KEY, country_code TEXT, country_name TEXT,"
             " asn TEXT, org TEXT, cached_at TEXT NOT NULL)"
@@ -47,7 +46,7 @@ async def test_re_resolve_round_trip_on_postgres(pg_service_group: ServiceGroup)
         deadline_s=15,
         what="persistence ready (schema migrated)",
     )
-    with psycopg.connect(pg_service_group.env["GEO_DB_URL"]) as db:
+    with psycopg.connect(pg_url) as db:
         db.execute(
             "INSERT INTO geo_cache VALUES ('9.9.9.9', NULL, NULL, NULL, NULL,"
             " '2020-01-01T00:00:00.000000Z', 'failed', 'ip-api'),"

@@ -16,8 +16,6 @@ from typing import Any
 
 import pytest
 
-from shared.messages import iso_utc
-from bangui_geo.testing.broker import BrokerAdmin
 from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
@@ -28,8 +26,10 @@ from bangui_geo.testing import (
     service_env,
     wait_for_topology,
 )
-from tests.integration.test_faults import distinct_public_ips
+from bangui_geo.testing.broker import BrokerAdmin
 from bangui_geo.testing.postgres import read_rows
+from shared.messages import iso_utc
+from tests.integration.test_faults import distinct_public_ips
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from bangui_geo.testing.broker import BrokerAdmin
 from bangui_geo.testing import (
     DURABLE_QUEUES,
     async_poll,
@@ -26,6 +25,7 @@ from bangui_geo.testing import (
     vhost_queues,
     wait_for_topology,
 )
+from bangui_geo.testing.broker import BrokerAdmin
 from tests.integration.test_faults import distinct_public_ips
 from tests.integration.test_pipeline import expected_row
 from tests.integration.test_scale_out import Replicas, logged

@@ -14,11 +14,11 @@ from typing import Any
 import psycopg
 import pytest
 
+from bangui_geo.testing.postgres import read_rows
 from services.persistence.ports import GeoRepository
 from services.persistence.repository import SqliteGeoRepository
 from services.persistence.repository_pg import PostgresGeoRepository
 from shared.messages import GeoRow, Resolution, iso_utc
-from bangui_geo.testing.postgres import read_rows
 
 pytestmark = pytest.mark.integration
 

@@ -1,37 +1,33 @@
 """Scale out on one broker: two resolvers, two timers and two persistence instances on one
-database (SQLite, then PostgreSQL). The resolvers compete for ``ip.seen``, every resolver gets every ``geo.flush``, one
-timer publishes, one persistence writes while the other waits, and SIGKILLing the writer
-mid-stream hands its queues to the standby with nothing lost."""
+database (SQLite, then PostgreSQL). The resolvers compete for ``ip.seen``, every resolver gets
+every ``geo.flush``, one timer publishes, one persistence writes while the other waits, and
+SIGKILLing the writer mid-stream hands its queues to the standby with nothing lost."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
-import aio_pika
 import pytest
 
-from bangui_geo.testing.broker import BrokerAdmin
 from bangui_geo.testing import (
     ServiceGroup,
-    public_ips,
     async_poll,
     drain_queue,
     events,
     local_tcp_ports,
+    public_ips,
     publish,
     queue_details,
     vhost_queues,
     wait_for_topology,
 )
+from bangui_geo.testing.amqp import FlushTap
+from bangui_geo.testing.broker import BrokerAdmin
 from bangui_geo.testing.expected import expected_row
 from bangui_geo.testing.services import logged
-from bangui_geo.testing.amqp import FlushTap
 
 pytestmark = pytest.mark.integration
 

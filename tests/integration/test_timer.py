@@ -14,8 +14,8 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from bangui_geo.testing.broker import BrokerAdmin
 from bangui_geo.testing import ServiceProcess, async_poll, service_env
+from bangui_geo.testing.broker import BrokerAdmin
 
 pytestmark = pytest.mark.integration
 

@@ -24,9 +24,6 @@ from urllib.parse import quote
 
 import pytest
 
-from shared.amqp import BrokerUnreachable, connect_once
-from shared.client import GeoPublisher
-from tests.integration.rabbit_nodes import Node, prepare_home
 from bangui_geo.testing import (
     REPO_ROOT,
     ServiceProcess,
@@ -36,6 +33,9 @@ from bangui_geo.testing import (
     read_rows,
     service_env,
 )
+from shared.amqp import BrokerUnreachable, connect_once
+from shared.client import GeoPublisher
+from tests.integration.rabbit_nodes import Node, prepare_home
 from tests.integration.test_faults import distinct_public_ips
 from tests.integration.test_pipeline import expected_row
 from tests.integration.test_scale_out import logged

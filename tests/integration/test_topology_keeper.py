@@ -14,8 +14,6 @@ import aio_pika
 import pytest
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
 
-from bangui_geo.testing.broker import BrokerAdmin
-from tests.integration.deployment import Deployment, management
 from bangui_geo.testing import (
     ServiceProcess,
     async_poll,
@@ -25,6 +23,8 @@ from bangui_geo.testing import (
     service_env,
     vhost_of,
 )
+from bangui_geo.testing.broker import BrokerAdmin
+from tests.integration.deployment import Deployment, management
 
 pytestmark = pytest.mark.integration
 

@@ -14,6 +14,8 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from bangui_geo.testing.ips import known_public_ips as public_ips
+from bangui_geo.testing.ips import non_global_ips
 from services.resolver.bootstrap import build_lookup
 from services.resolver.geo import Geo
 from services.resolver.lookup import ProviderChain
@@ -21,14 +23,7 @@ from services.resolver.providers.ipapi import IpApiProvider, parse_batch
 from shared.ipnorm import is_routable
 from shared.messages import Resolution
 from shared.settings import Settings
-from tests.ipapi_standin import (
-    IpApiStandIn,
-    Outage,
-    answer_for,
-    expected_geo,
-    non_global_ips,
-    public_ips,
-)
+from tests.ipapi_standin import IpApiStandIn, Outage, answer_for, expected_geo
 
 
 @asynccontextmanager
