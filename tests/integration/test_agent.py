@@ -9,7 +9,7 @@ import json
 import sqlite3
 import time
 import urllib.error
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,7 +24,7 @@ from bangui_geo.testing import (
     service_env,
     wait_for_topology,
 )
-from bangui_geo.testing.agent import AgentProcess, run_agent_once
+from bangui_geo.testing.agent import AgentProcess
 from bangui_geo.testing.http import free_port, get, metric
 from shared.amqp import declare_topology
 from tests.integration.agent_support import Fail2banServer, TcpProxy
@@ -243,49 +243,3 @@ async def test_the_agent_follows_unbans_purges_restarts_and_a_replaced_file(
     bodies = tap.bodies
     assert {(b["source"], b["jail"]) for b in bodies} == {("fail2ban", "sshd")}
     assert all(str(b["seen_at"]).endswith("Z") for b in bodies)
-
-
-def test_an_unreadable_state_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    state = tmp_path / "state.json"
-    state.mkdir()
-    done = run_agent_once(
-        agent_env("amqp://guest:guest@127.0.0.1:1/", tmp_path),
-        ["--fail2ban-db", str(tmp_path / "none.sqlite3"), "--state", str(state)],
-    )
-    assert (done.returncode, done.stderr) == (
-        2,
-        f"bangui-geo: cannot read state file {state}: Is a directory\n",
-    )
-
-
-def write_sqlite(path: Path, statement: str) -> None:
-    with sqlite3.connect(path) as db:
-        db.execute(statement)
-
-
-@pytest.mark.parametrize(
-    ("make", "expected"),
-    [
-        (
-            lambda p: p.write_text("[Definition]\nlogtarget = /var/log/fail2ban.log\n"),
-            "{db} is not a fail2ban database (not SQLite: file is not a database)",
-        ),
-        (
-            lambda p: write_sqlite(p, "CREATE TABLE geo_cache(ip TEXT)"),
-            "{db} is not a fail2ban database (no bans or fail2banDb table)",
-        ),
-        (lambda p: p.mkdir(), "cannot read {db}: it is a directory, not a database file"),
-    ],
-    ids=["text-file", "other-sqlite", "directory"],
-)
-def test_a_bad_database_is_one_line_and_exit_2(
-    make: Callable[[Path], None], expected: str, tmp_path: Path
-) -> None:
-    database = tmp_path / "fail2ban.sqlite3"
-    make(database)
-    done = run_agent_once(
-        agent_env("amqp://guest:guest@127.0.0.1:1/", tmp_path),
-        ["--fail2ban-db", str(database), "--state", str(tmp_path / "state.json")],
-    )
-    assert (done.returncode, done.stderr) == (2, f"bangui-geo: {expected.format(db=database)}\n")
-    assert not (tmp_path / "state.json").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bangui_geo.testing.broker import BrokerAdmin
-from tests.integration.test_bench_quick import LABELS, run_bench
+from tests.integration.bench_run import LABELS, run_bench
 
 pytestmark = pytest.mark.integration
 

@@ -26,9 +26,9 @@ from bangui_geo.testing import (
     async_poll,
     drain_queue,
     events,
+    public_ips,
     publish,
     read_rows,
-    public_ips,
     wait_for_topology,
 )
 from bangui_geo.testing.expected import expected_row

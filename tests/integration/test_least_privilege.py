@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractChannel
 
 from bangui_geo.testing import (
     REPO_ROOT,
+    ServiceGroup,
     ServiceProcess,
     async_poll,
     drain_queue,
@@ -54,13 +55,11 @@ KEYS = (
 
 
 async def test_each_service_runs_the_pipeline_with_its_own_user(
-    deployment: Deployment, tmp_path: Path
+    deployment: Deployment, service_group: ServiceGroup
 ) -> None:
-    db_path = tmp_path / "geo_cache.sqlite3"
+    db_path = service_group.db_path
     processes = {
-        name: ServiceProcess(
-            name, service_env(deployment.url(user), db_path), tmp_path / f"{name}.log"
-        ).start()
+        name: service_group.start(name, amqp_url=deployment.url(user))
         for name, user in SERVICES.items()
     }
     try:

@@ -3,19 +3,15 @@ chain falls back to the embedded data; a missing or broken file stops the resolv
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bangui_geo.testing import (
-    REPO_ROOT,
     ServiceGroup,
     async_poll,
     publish,
-    service_env,
 )
 from tests.mmdb_files import asn, dbip_country, geolite2_city, registered_only, write_mmdb
 
@@ -106,31 +102,6 @@ async def test_chain_falls_back_to_the_embedded_country(
         ASN_ONLY: ("US", "United States", None, None, "resolved", "embedded"),
         NOWHERE: ("US", "United States", None, None, "resolved", "embedded"),
     }
-
-
-def test_missing_file_stops_the_resolver_with_one_line(tmp_path: Path) -> None:
-    missing = tmp_path / "GeoLite2-Country.mmdb"
-    # No broker is needed: the resolver must give up before it tries to connect.
-    env = service_env(
-        "amqp://guest:guest@127.0.0.1:9/",
-        tmp_path / "geo.sqlite3",
-        GEO_PROVIDER="mmdb",
-        GEO_MMDB_PATH=str(missing),
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "services.resolver"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
-    assert done.returncode == 2
-    assert done.stdout == ""
-    assert done.stderr.splitlines() == [
-        f"resolver: invalid setting GEO_MMDB_PATH: cannot read {missing}: No such file or directory"
-    ]
 
 
 async def test_corrupt_file_stops_the_resolver_naming_the_variable(

@@ -11,7 +11,6 @@ import json
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,10 +18,10 @@ import pytest
 from bangui_geo.testing import (
     ServiceGroup,
     ServiceProcess,
-    public_ips,
     async_poll,
     drain_queue,
     events,
+    public_ips,
     publish,
     ready_count,
     wait_for_topology,

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,10 +15,10 @@ import pytest
 from bangui_geo.testing import (
     DURABLE_QUEUES,
     ServiceGroup,
-    public_ips,
     async_poll,
     drain_queue,
     events,
+    public_ips,
     publish,
     queue_details,
     ready_count,

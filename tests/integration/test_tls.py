@@ -31,8 +31,8 @@ from bangui_geo.testing import (
     async_poll,
     events,
     local_tcp_ports,
-    read_rows,
     public_ips,
+    read_rows,
 )
 from bangui_geo.testing.expected import expected_row
 from bangui_geo.testing.services import logged
@@ -313,6 +313,7 @@ async def test_a_service_given_the_wrong_ca_says_so_instead_of_hanging(
 ) -> None:
     url = tls_broker.url(cafile=tls_broker.pki.other_ca.cert)
     resolver = service_group.start("resolver", amqp_url=url)
+
     # The first attempt fails at the handshake at once (not after the 10 s connect
     # timeout), and the log line says why; the service keeps to its bounded retries.
     def verify_failures() -> list[str]:
