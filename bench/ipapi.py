@@ -18,10 +18,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bangui_geo.testing import ServiceFailed, event_time, public_ips
 from bench.broker import prefill
-from bench.ips import public_ipv4, single_bodies
+from bench.ips import single_bodies
 from bench.report import Figure, Target
-from bench.services import ServiceFailed, Services, event_time
+from bench.services import Services
 
 MAX_BATCH = 100
 REQUESTS_PER_WINDOW = 15
@@ -59,7 +60,7 @@ async def run_ipapi(burst: int, amqp_url: str, workdir: Path) -> Figure:
     if standin is None:
         return not_measured(figure, why)
 
-    ips = public_ipv4(burst, salt=5)
+    ips = public_ips(burst, seed=5)
     await prefill(amqp_url, single_bodies(ips))
     services = Services(amqp_url, workdir / "geo_cache.sqlite3", workdir)
     deadline_s = 30 + 3 * burst / (MAX_BATCH * REQUESTS_PER_WINDOW / WINDOW_S)
