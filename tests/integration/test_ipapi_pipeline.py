@@ -16,8 +16,8 @@ from bangui_geo.testing import (
     publish,
     wait_for_topology,
 )
+from bangui_geo.testing.ipapi_standin import IpApiStandIn, Outage, ThreadedStandIn, expected_geo
 from bangui_geo.testing.ips import known_public_ips
-from tests.ipapi_standin import IpApiStandIn, Outage, ThreadedStandIn, expected_geo
 
 pytestmark = pytest.mark.integration
 

@@ -24,9 +24,9 @@ from bangui_geo.testing import (
     wait_for_topology,
 )
 from bangui_geo.testing.http import free_port, scraped
+from bangui_geo.testing.ipapi_standin import IpApiStandIn, Outage, ThreadedStandIn, expected_geo
 from bangui_geo.testing.ips import known_public_ips
 from shared.client import GeoClient, LookupFailed
-from tests.ipapi_standin import IpApiStandIn, Outage, ThreadedStandIn, expected_geo
 
 pytestmark = pytest.mark.integration
 

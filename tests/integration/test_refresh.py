@@ -16,10 +16,10 @@ from bangui_geo.testing import (
     read_rows,
     wait_for_topology,
 )
+from bangui_geo.testing.ipapi_standin import IpApiStandIn, Outage, ThreadedStandIn, expected_geo
 from bangui_geo.testing.ips import known_public_ips
 from services.persistence.repository import SqliteGeoRepository
 from shared.messages import GeoRow, Resolution, iso_utc
-from tests.ipapi_standin import IpApiStandIn, Outage, ThreadedStandIn, expected_geo
 
 pytestmark = pytest.mark.integration
 

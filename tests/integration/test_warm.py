@@ -17,8 +17,8 @@ from bangui_geo.testing import (
     wait_for_topology,
 )
 from bangui_geo.testing.http import free_port, scraped
+from bangui_geo.testing.ipapi_standin import IpApiStandIn, ThreadedStandIn
 from bangui_geo.testing.ips import known_public_ips
-from tests.ipapi_standin import IpApiStandIn, ThreadedStandIn
 
 pytestmark = pytest.mark.integration
 

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from bangui_geo.testing.ipapi_standin import IpApiStandIn, Outage, answer_for, expected_geo
 from bangui_geo.testing.ips import known_public_ips as public_ips
 from bangui_geo.testing.ips import non_global_ips
 from services.resolver.bootstrap import build_lookup
@@ -23,7 +24,6 @@ from services.resolver.providers.ipapi import IpApiProvider, parse_batch
 from shared.ipnorm import is_routable
 from shared.messages import Resolution
 from shared.settings import Settings
-from tests.ipapi_standin import IpApiStandIn, Outage, answer_for, expected_geo
 
 
 @asynccontextmanager

@@ -1,4 +1,5 @@
-"""An ip-api.com stand-in the tests own: the batch endpoint with the limits ip-api documents.
+"""An ip-api.com stand-in for tests and the benchmark: the batch endpoint with the limits ip-api
+documents.
 
 It answers ``POST /batch`` as ip-api does (422 above 100 entries, a fixed request window with
 ``X-Rl``/``X-Ttl`` on every answer, 429 past the budget, ``status: fail`` for private, reserved and
