@@ -258,9 +258,9 @@ async def test_dead_letters_list_and_replay(service_group: ServiceGroup) -> None
 async def test_backup_during_a_stream_is_consistent(
     service_group: ServiceGroup, tmp_path: Path
 ) -> None:
-    await service_group.start_pipeline()
     """Backups taken while persistence commits: each copy passes integrity_check, holds a
     snapshot (never fewer rows than the copy before it, every row as the final table has it)."""
+    await service_group.start_pipeline()
     ips = known_public_ips(30_000, seed=23)
     bodies = [{"ips": ips[i : i + 250]} for i in range(0, len(ips), 250)]
 
