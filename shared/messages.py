@@ -7,13 +7,15 @@ contract text; ``tests/unit/test_messages.py`` snapshots the JSON schema so chan
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
 from operator import itemgetter
-from typing import TYPE_CHECKING, Annotated, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Literal, NamedTuple, Protocol
 
 from pydantic import (
     AfterValidator,
@@ -23,6 +25,7 @@ from pydantic import (
     Field,
     StrictStr,
     StringConstraints,
+    TypeAdapter,
     WithJsonSchema,
     model_validator,
 )
@@ -327,6 +330,88 @@ class IpResolved(BaseModel):
     rows: CheckedRows = Field(
         min_length=1, max_length=MAX_ROWS_PER_UPSERT, description=ROWS_DESCRIPTION
     )
+
+
+ROW_FIELDS = GeoRow._fields  # geo_cache's columns too, in this order
+
+
+class Answer(Protocol):
+    """What a row says of its IP: every ``GeoRow`` field but ``ip`` and ``cached_at`` (the
+    resolver's ``Geo`` has them, and so has a ``GeoRow``)."""
+
+    @property
+    def resolution(self) -> Resolution: ...
+    @property
+    def country_code(self) -> str | None: ...
+    @property
+    def country_name(self) -> str | None: ...
+    @property
+    def asn(self) -> str | None: ...
+    @property
+    def org(self) -> str | None: ...
+    @property
+    def provider(self) -> str | None: ...
+
+
+# An IP, its answer and when it was obtained: ISO text, or a time.time() value to format.
+RowParts = tuple[str, Answer, str | float]
+
+
+def encode_rows(rows: Sequence[RowParts]) -> bytes:
+    """The ``rows`` array of ``GeoUpsertBatch``, ``IpResolved`` and ``KnownRows``: each row a
+    JSON array in ``GeoRow`` order, built with the C json encoder: ~5x cheaper than pydantic
+    models, and no ``GeoRow`` is built per row (a flush's hot path). The IPs of one delivery
+    share their stamp, so each stamp is formatted once."""
+    stamps = {at: _iso(at) for at in {at for _, _, at in rows}}
+    return json.dumps(
+        [
+            (ip, a.resolution, stamps[at], a.country_code, a.country_name, a.asn, a.org, a.provider)
+            for ip, a, at in rows
+        ],
+        separators=(",", ":"),
+    ).encode()
+
+
+# The tuple above, field by field: a GeoRow field added, dropped or moved stops every service.
+_ENCODED = (
+    "ip",
+    "resolution",
+    "cached_at",
+    "country_code",
+    "country_name",
+    "asn",
+    "org",
+    "provider",
+)
+if ROW_FIELDS != _ENCODED:
+    raise AssertionError(f"encode_rows writes {_ENCODED}, GeoRow has {ROW_FIELDS}")
+
+
+def _iso(at: str | float) -> str:
+    return at if isinstance(at, str) else iso_utc_from_epoch(at)
+
+
+def encode_geo_rows(rows: Iterable[GeoRow]) -> bytes:
+    """``encode_rows`` of ready rows."""
+    return encode_rows([(row.ip, row, row.cached_at) for row in rows])
+
+
+_ROWS = TypeAdapter(CheckedRows)
+
+
+def decode_rows(rows: bytes) -> list[GeoRow]:
+    """The rows ``encode_rows`` wrote, validated as a consumer validates them."""
+    return _ROWS.validate_json(rows)
+
+
+def upsert_body(batch_id: str, rows: bytes) -> bytes:
+    """A ``geo.upsert`` body around an encoded ``rows`` array."""
+    return b'{"batch_id":%s,"rows":%s}' % (json.dumps(batch_id).encode(), rows)
+
+
+def resolved_body(rows: bytes) -> bytes:
+    """An ``ip.resolved`` (or ``KnownRows``) body around an encoded ``rows`` array."""
+    return b'{"rows":%s}' % rows
 
 
 class KnownQuery(BaseModel):

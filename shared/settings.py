@@ -219,27 +219,6 @@ class Settings(BaseSettings):
         return tuple(self.provider.split(","))
 
 
-def check_provider_files(settings: Settings) -> None:
-    """The resolver's start check: the provider files it will read exist and are readable.
-
-    Only the resolver reads them, so the other services (same environment in compose) don't
-    need them mounted.
-    """
-    if "mmdb" not in settings.provider_chain:
-        return
-    for variable, path in (
-        ("GEO_MMDB_PATH", settings.mmdb_path),
-        ("GEO_MMDB_ASN_PATH", settings.mmdb_asn_path),
-    ):
-        if path is None:
-            continue
-        try:
-            with path.open("rb"):
-                pass
-        except OSError as exc:
-            raise SettingsError(f"{variable}: cannot read {path}: {exc.strerror or exc}") from None
-
-
 def load_settings() -> Settings:
     """Read the environment; raise ``SettingsError`` naming the first bad variable."""
     secrets = Path(os.environ.get("GEO_SECRETS_DIR", "/run/secrets"))

@@ -17,7 +17,7 @@ from services.persistence.handlers import (
 from services.persistence.ports import GeoRepository
 from services.persistence.stores import describe, open_repository
 from shared import topology
-from shared.amqp import Amqp
+from shared.amqp import Amqp, amqp_config
 from shared.messages import GeoUpsertBatch, KnownQuery, ReResolveStale
 from shared.metrics import MetricsRegistry, serve_metrics
 from shared.settings import Settings
@@ -71,7 +71,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     async with AsyncExitStack() as resources:  # released in reverse order of acquisition
         repository = await open_repository(settings)
         resources.push_async_callback(repository.close)
-        amqp = await Amqp.open(settings, service="persistence", stop=stop)
+        amqp = await Amqp.open(amqp_config(settings), service="persistence", stop=stop)
         resources.push_async_callback(amqp.close)
         deps = PersistenceDeps(
             repository=repository,

@@ -27,7 +27,7 @@ from typing import Protocol
 import aiosqlite
 import structlog
 
-from shared.messages import GeoRow, Resolution
+from shared.messages import ROW_FIELDS, GeoRow, Resolution
 
 # Bind Resolution members as their text through the adapter table: otherwise sqlite3 probes
 # each one for __conform__ (a failed attribute lookup per row, a tenth of the batch's cost).
@@ -67,8 +67,8 @@ UNRESOLVED_INDEX = (
     "CREATE INDEX IF NOT EXISTS geo_cache_unresolved ON geo_cache (ip) WHERE country_code IS NULL"
 )
 
-# The INSERT lists the columns in GeoRow order, so a validated row binds as it is.
-ROW_COLUMNS = GeoRow._fields
+# The INSERT lists the columns in GeoRow order (the wire's), so a validated row binds as it is.
+ROW_COLUMNS = ROW_FIELDS
 VALUES_ROW = "(" + ", ".join("?" for _ in ROW_COLUMNS) + ")"
 
 # Newer answers win; a failure never overwrites a country we already have.

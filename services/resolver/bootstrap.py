@@ -31,6 +31,7 @@ from services.resolver.lookup_requests import on_geo_lookup
 from services.resolver.providers.embedded import EmbeddedProvider
 from services.resolver.providers.ipapi import IpApiProvider
 from services.resolver.providers.mmdb import MmdbProvider
+from services.resolver.stuck import resolver_amqp_config
 from shared import topology
 from shared.amqp import Amqp
 from shared.messages import FlushDirty, GeoLookupRequest, IpSeen, RetryUnresolved
@@ -127,7 +128,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     async with AsyncExitStack() as resources:  # released in reverse order of acquisition
         lookup = build_lookup(settings)  # before the broker: a bad provider file fails fast
         resources.push_async_callback(lookup.close)
-        amqp = await Amqp.open(settings, service="resolver", stop=stop)
+        amqp = await Amqp.open(resolver_amqp_config(settings), service="resolver", stop=stop)
         resources.push_async_callback(amqp.close)
         requester = await amqp.requester()
         known = KnownBatcher(partial(requester.request, topology.KNOWN), settings.known_timeout)

@@ -2,38 +2,39 @@
 
 An ``ip.seen`` or ``geo.retry`` delivery is acked only once every answer it produced is confirmed
 by the broker inside a ``geo.upsert`` message (or was already): the delivery is held until the
-flush that carries its IPs. Holding is bounded: an early flush starts when the held deliveries
-reach half the prefetch or the dirty set reaches ``flush_max_dirty``.
+flush that carries its IPs (``flushing.py``), within the bounds of ``backpressure.py``;
+``watchdog.py`` flushes when the timer does not.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
-from services.resolver.cache import DirtyEntry, GeoCache
+from services.resolver.backpressure import hold_or_ack, wait_for_room
+from services.resolver.cache import GeoCache
+from services.resolver.flushing import flush
 from services.resolver.geo import FAILED, NOT_GLOBAL, Geo
 from services.resolver.known import KnownBatcher, known_answers
 from services.resolver.lookup import GeoLookup
-from shared import topology
+from services.resolver.watchdog import flush_watchdog
 from shared.ipnorm import is_routable
-from shared.messages import (
-    MAX_ROWS_PER_UPSERT,
-    FlushDirty,
-    IpSeen,
-    Resolution,
-    RetryUnresolved,
-    iso_utc_from_epoch,
-)
+from shared.messages import FlushDirty, IpSeen, Resolution, RetryUnresolved
 from shared.ports import Acker, Publisher, Ticket
 
-FLUSH_RETRY_DELAY = 1.0
+__all__ = [  # what bootstrap, lookup_requests and the tests import from here
+    "ResolverDeps",
+    "ResolverState",
+    "flush",
+    "flush_watchdog",
+    "not_known",
+    "on_flush_dirty",
+    "on_ip_seen",
+    "on_retry_unresolved",
+]
 
 
 @dataclass
@@ -70,10 +71,10 @@ class ResolverDeps:
 
 
 async def on_ip_seen(event: IpSeen, ticket: Ticket, deps: ResolverDeps) -> None:
-    await _wait_for_room(deps)
+    await wait_for_room(deps)
     ips = event.addresses
     await _resolve(await not_known(deps.cache.missing(ips, deps.clock()), deps), deps)
-    await _hold_or_ack(ips, ticket, deps)
+    await hold_or_ack(ips, ticket, deps)
 
 
 async def not_known(misses: list[str], deps: ResolverDeps) -> list[str]:
@@ -90,16 +91,16 @@ async def not_known(misses: list[str], deps: ResolverDeps) -> list[str]:
 
 
 async def on_retry_unresolved(cmd: RetryUnresolved, ticket: Ticket, deps: ResolverDeps) -> None:
-    await _wait_for_room(deps)
+    await wait_for_room(deps)
     if cmd.refresh:
         refreshed = await _refresh(cmd.ips, deps)
         deps.log.info("geo_refresh_ran", tick_id=cmd.tick_id, ips=len(cmd.ips), refreshed=refreshed)
-        await _hold_or_ack(cmd.ips, ticket, deps)
+        await hold_or_ack(cmd.ips, ticket, deps)
         return
     again = deps.cache.forget_failures(cmd.ips)
     await _resolve(again, deps)
     deps.log.info("geo_retry_ran", tick_id=cmd.tick_id, ips=len(cmd.ips), looked_up=len(again))
-    await _hold_or_ack(cmd.ips, ticket, deps)
+    await hold_or_ack(cmd.ips, ticket, deps)
 
 
 async def on_flush_dirty(cmd: FlushDirty, deps: ResolverDeps) -> None:
@@ -148,161 +149,3 @@ async def _refresh(ips: Sequence[str], deps: ResolverDeps) -> int:
     fresh = [(ip, geo) for ip, geo in answers.items() if geo.resolution is Resolution.RESOLVED]
     deps.cache.put_many(fresh, deps.clock())
     return len(fresh)
-
-
-async def _hold_or_ack(ips: Sequence[str], ticket: Ticket, deps: ResolverDeps) -> None:
-    if any(deps.cache.is_unpersisted(ip) for ip in ips):
-        deps.state.held.append(ticket)
-        if _over_limits(deps):
-            request_flush(deps, trigger="size")
-    else:
-        await deps.acker.ack([ticket])
-
-
-async def _wait_for_room(deps: ResolverDeps) -> None:
-    """Backpressure: while the dirty set is full, a new delivery waits for the flush draining it.
-
-    Bulk messages carry up to 1000 IPs each, so the prefetch alone does not bound memory.
-    """
-    while deps.cache.dirty_count >= deps.flush_max_dirty:
-        flushing = request_flush(deps, trigger="size")
-        if not await flushing:
-            await asyncio.sleep(FLUSH_RETRY_DELAY)  # broker trouble: don't spin on failures
-
-
-def request_flush(deps: ResolverDeps, *, trigger: str) -> asyncio.Task[bool]:
-    """The running background flush, or a new one; its result says whether it succeeded."""
-    state = deps.state
-    for task in state.background:
-        if not task.done():
-            return task
-    task = asyncio.create_task(_flush_logged(deps, trigger))
-    state.background.add(task)
-    task.add_done_callback(state.background.discard)
-    return task
-
-
-async def _flush_logged(deps: ResolverDeps, trigger: str) -> bool:
-    # Deliveries held while this flush ran may have reached the limit again: flush until not.
-    while True:
-        try:
-            await flush(deps, trigger=trigger)
-        except Exception as exc:  # the entries are back in the dirty set; the next flush retries
-            deps.log.warning("geo_cache_flush_failed", trigger=trigger, error=repr(exc))
-            return False
-        if not _over_limits(deps):
-            return True
-
-
-def _over_limits(deps: ResolverDeps) -> bool:
-    return len(deps.state.held) >= deps.hold_limit or deps.cache.dirty_count >= deps.flush_max_dirty
-
-
-async def flush_watchdog(deps: ResolverDeps, period: float, stop: asyncio.Event) -> None:
-    """Flush on our own when no flush ran for ``period`` while deliveries wait.
-
-    The timer normally drives flushes; without it (not started, or down) held deliveries would
-    wait until the broker's consumer timeout (30 min by default) closes the channel.
-    """
-    last = deps.state.flushes
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=period)
-            return
-        except TimeoutError:
-            pass
-        if deps.state.flushes == last and (deps.state.held or deps.cache.dirty_count):
-            deps.log.warning(
-                "geo_flush_watchdog_fired",
-                held=len(deps.state.held),
-                dirty=deps.cache.dirty_count,
-                period_s=period,
-            )
-            await _flush_logged(deps, "watchdog")
-        last = deps.state.flushes
-
-
-async def flush(deps: ResolverDeps, *, trigger: str) -> int:
-    """Publish every dirty entry as confirmed ``geo.upsert`` batches, then ack held deliveries.
-
-    Returns the number of rows published. On failure the entries go back to the dirty set and
-    the deliveries stay held, so the next flush carries them.
-    """
-    cache, state = deps.cache, deps.state
-    async with state.flush_lock:
-        started = time.perf_counter()
-        tickets, state.held = state.held, []
-        entries = cache.take_dirty()
-        # In IP order, so each geo.upsert covers a narrow slice of geo_cache's primary-key
-        # index: its commit rewrites a few dozen index pages instead of one per row (bench/:
-        # persistence 3x faster on a 20,000-row flush).
-        entries.sort(key=_by_ip)
-        rows = [
-            _rows_json(entries[i : i + MAX_ROWS_PER_UPSERT])
-            for i in range(0, len(entries), MAX_ROWS_PER_UPSERT)
-        ]
-        try:
-            if rows:
-                await deps.publisher.publish_bodies(
-                    topology.UPSERT,
-                    [b'{"batch_id":"%s","rows":%s}' % (uuid.uuid4().hex.encode(), r) for r in rows],
-                )
-        except BaseException:
-            cache.restore_dirty(entries)
-            state.held[:0] = tickets
-            raise
-        cache.confirm_flushed(entries)
-        await deps.acker.ack(tickets)
-        state.flushes += 1
-        state.rows_flushed += len(entries)
-        if rows and deps.announce_resolved:
-            await _announce(rows, deps)
-        if entries or tickets:
-            deps.log.info(
-                "geo_cache_flush_ran",
-                trigger=trigger,
-                rows=len(entries),
-                batches=len(rows),
-                acked=len(tickets),
-                cached=len(cache),
-                duration_ms=round((time.perf_counter() - started) * 1000, 1),
-            )
-        return len(entries)
-
-
-async def _announce(rows: Sequence[bytes], deps: ResolverDeps) -> None:
-    """Publish ``ip.resolved`` for dashboards; best effort, the rows are already safe."""
-    try:
-        await deps.publisher.publish_bodies(
-            topology.RESOLVED, [b'{"rows":%s}' % r for r in rows], mandatory=False
-        )
-    except Exception as exc:
-        deps.log.warning("ip_resolved_publish_failed", batches=len(rows), error=repr(exc))
-
-
-def _by_ip(entry: DirtyEntry) -> str:
-    return entry.ip
-
-
-def _rows_json(entries: Sequence[DirtyEntry]) -> bytes:
-    """The ``rows`` array of GeoUpsertBatch / IpResolved (GeoRow order), built with the C json
-    encoder: ~5x cheaper than pydantic models, and built once for both messages."""
-    stamps: dict[float, str] = {}  # the IPs of one delivery share their resolved_at
-    for at in {e.resolved_at for e in entries}:
-        stamps[at] = iso_utc_from_epoch(at)
-    return json.dumps(
-        [
-            (
-                e.ip,
-                e.geo.resolution,
-                stamps[e.resolved_at],
-                e.geo.country_code,
-                e.geo.country_name,
-                e.geo.asn,
-                e.geo.org,
-                e.geo.provider,
-            )
-            for e in entries
-        ],
-        separators=(",", ":"),
-    ).encode()

@@ -1,4 +1,5 @@
-"""Composition root of the timer: leader election, then the two cadences under one TaskGroup.
+"""Composition root of the timer: leader election (``leadership.py``), then the two cadences
+under one TaskGroup.
 
 Only the timer holding the ``geo.timer.leader`` exclusive queue publishes; others wait as
 standbys and take over when the leader's connection dies (the broker drops the queue then). The
@@ -17,17 +18,13 @@ from functools import partial
 
 import structlog
 
+from services.timer.leadership import hold_lead, wait_to_lead
 from services.timer.ticker import Cadence, tick_forever
 from shared import topology
-from shared.amqp import Amqp
+from shared.amqp import Amqp, amqp_config
 from shared.messages import FlushDirty, ReResolveStale
 from shared.metrics import MetricsRegistry, serve_metrics
 from shared.settings import Settings
-
-STANDBY_POLL = 1.0
-LEAD_CHECK_S = 2.0
-
-Logger = structlog.typing.FilteringBoundLogger
 
 
 def cadences(settings: Settings) -> tuple[Cadence, Cadence]:
@@ -48,7 +45,7 @@ def _re_resolve(tick_id: str, issued_at: object) -> ReResolveStale:
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     log = structlog.get_logger("timer")
     async with AsyncExitStack() as resources:  # released in reverse order of acquisition
-        amqp = await Amqp.open(settings, service="timer", stop=stop)
+        amqp = await Amqp.open(amqp_config(settings), service="timer", stop=stop)
         resources.push_async_callback(amqp.close)
         status = TimerStatus()
         metrics = await serve_metrics(settings, timer_metrics(status), amqp.health)
@@ -80,54 +77,6 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             if not lost:
                 return
             log.warning("timer_leadership_lost", lock=topology.TIMER_LEADER_QUEUE)
-
-
-async def wait_to_lead(amqp: Amqp, stop: asyncio.Event, log: Logger) -> bool:
-    """Poll the lock until we hold it (True) or are stopped (False)."""
-    announced = False
-    while not stop.is_set():
-        if await lead_check(amqp, log):
-            return True
-        if not announced:
-            log.info("timer_standby_waiting", lock=topology.TIMER_LEADER_QUEUE)
-            announced = True
-        await first_set(stop, within=STANDBY_POLL)
-    return False
-
-
-async def hold_lead(
-    amqp: Amqp, stop: asyncio.Event, reconnected: asyncio.Event, log: Logger
-) -> bool:
-    """Check the lock every poll, and at once after a reconnect, while leading: True once
-    another timer holds it, False when stopped. A check that cannot reach the broker changes
-    nothing: the next one decides."""
-    while True:
-        await first_set(stop, reconnected, within=STANDBY_POLL)
-        if stop.is_set():
-            return False
-        reconnected.clear()
-        if await lead_check(amqp, log) is False:
-            return True
-
-
-async def lead_check(amqp: Amqp, log: Logger) -> bool | None:
-    """Whether we hold the lock now; None when the broker could not be asked (bounded, so a
-    shutdown waits at most ``LEAD_CHECK_S`` for a check in flight)."""
-    try:
-        return await asyncio.wait_for(amqp.try_lead(topology.TIMER_LEADER_QUEUE), LEAD_CHECK_S)
-    except Exception as exc:  # reconnecting, or the broker is down: ask again next poll
-        log.info("timer_lead_check_failed", error=repr(exc))
-        return None
-
-
-async def first_set(*events: asyncio.Event, within: float) -> None:
-    """Return when one of ``events`` is set or after ``within`` seconds."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 @dataclass

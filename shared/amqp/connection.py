@@ -1,5 +1,5 @@
-"""Connecting to the broker (bounded retries, failover across a list of nodes), channels, the
-topology declaration, and the one-attempt connect of tools and other components."""
+"""Connecting to the broker (bounded retries, failover across a list of nodes), channels, and
+the one-attempt connect of tools and other components."""
 
 from __future__ import annotations
 
@@ -14,19 +14,16 @@ import aio_pika
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractQueue,
     AbstractRobustConnection,
-    ExchangeType,
 )
 from aio_pika.connection import make_url
 from aio_pika.exceptions import (
     AMQPError,
     ProbableAuthenticationError,
 )
-from aiormq.exceptions import ChannelPreconditionFailed, InvalidFrameError
+from aiormq.exceptions import InvalidFrameError
 
-from shared import topology
-from shared.errors import SettingRefused, TopologyMismatch
+from shared.errors import SettingRefused
 from shared.settings import split_amqp_urls
 
 log = structlog.get_logger("shared.amqp")
@@ -50,43 +47,37 @@ async def connect(
     urls = split_amqp_urls(url)
     delay = 0.2
     for attempt in range(1, attempts + 1):
+        connection, index, failures = await _try_nodes(
+            urls, connect_timeout=10, properties=properties
+        )
+        if connection is not None:
+            connection.reconnect_callbacks.add(_log_reconnect)
+            connection.close_callbacks.add(_log_lost)
+            log.info("amqp_connected", attempt=attempt, broker=_endpoint(urls[index]))
+            return connection
         errors: list[str] = []
         refusals: list[str] = []
-        for index, candidate in enumerate(urls):
-            try:
-                connection = await aio_pika.connect_robust(
-                    candidate, timeout=10, client_properties=properties
-                )
-            except ProbableAuthenticationError as exc:
+        for candidate, exc in failures:
+            if isinstance(exc, ProbableAuthenticationError) or (
+                # Connection.Close for Connection.Open: no such vhost, or no right to it; or a
+                # cluster node that has just joined and not started the vhost yet. Retried for
+                # a while, then final.
+                isinstance(exc, InvalidFrameError) and attempt >= VHOST_ATTEMPTS
+            ):
                 # A wrong password does not pass with time: say so now, not after thirty
                 # attempts. (Once running, the robust connection retries anything.)
                 refusals.append(f"{_refused(exc, candidate)} at {_endpoint(candidate)}")
-                continue
-            except InvalidFrameError as exc:
-                # Connection.Close for Connection.Open: no such vhost, or no right to it; or a
-                # cluster node that has just joined and not started the vhost yet. Retried for a
-                # while, then final.
-                if attempt >= VHOST_ATTEMPTS:
-                    refusals.append(f"{_refused(exc, candidate)} at {_endpoint(candidate)}")
-                else:
-                    errors.append(f"{_endpoint(candidate)}: {_refused(exc, candidate)}")
-                continue
-            # AMQPError, not only AMQPConnectionError: whatever else a node says while it is not
-            # ready is a node not ready yet, like a refused port.
-            except (TimeoutError, AMQPError, OSError) as exc:
-                if attempt == attempts and index == len(urls) - 1 and not refusals:
-                    raise
+            elif isinstance(exc, InvalidFrameError):
+                errors.append(f"{_endpoint(candidate)}: {_refused(exc, candidate)}")
+            else:
+                # AMQPError, not only AMQPConnectionError: whatever else a node says while it
+                # is not ready is a node not ready yet, like a refused port.
                 error = str(exc) or repr(exc)
                 errors.append(error if len(urls) == 1 else f"{_endpoint(candidate)}: {error}")
-                continue
-            connection.reconnect_callbacks.add(_log_reconnect)
-            connection.close_callbacks.add(_log_lost)
-            if len(urls) > 1:
-                connection.close_callbacks.add(_Failover(urls, index))
-            log.info("amqp_connected", attempt=attempt, broker=_endpoint(candidate))
-            return connection
         if refusals:
             raise SettingRefused("GEO_AMQP_URL", "; ".join(refusals))
+        if attempt == attempts:
+            raise failures[-1][1]
         log.warning(
             "amqp_connect_failed", attempt=attempt, retry_in_s=delay, error="; ".join(errors)
         )
@@ -95,14 +86,35 @@ async def connect(
     raise AssertionError("unreachable")
 
 
+async def _try_nodes(
+    urls: tuple[str, ...], *, connect_timeout: float, properties: dict[str, Any] | None = None
+) -> tuple[AbstractRobustConnection | None, int, list[tuple[str, BaseException]]]:
+    """One attempt at each node in order: the first connection (set to fail over along
+    ``urls``) and its index, or None and why each node failed. The one loop of ``connect``
+    (which retries it) and ``connect_once`` (which does not)."""
+    failures: list[tuple[str, BaseException]] = []
+    for index, candidate in enumerate(urls):
+        try:
+            connection = await aio_pika.connect_robust(
+                candidate, timeout=connect_timeout, client_properties=properties
+            )
+        except (TimeoutError, AMQPError, OSError) as exc:
+            failures.append((candidate, exc))
+            continue
+        if len(urls) > 1:
+            connection.close_callbacks.add(_Failover(urls, index))
+        return connection, index, failures
+    return None, -1, failures
+
+
 @dataclass(eq=False)  # hashed by identity: aio-pika keeps callbacks in a set
 class _Failover:
     """Points a robust connection at the next node of its list each time its node is lost or
     refuses a reconnect attempt, round robin: any node of a cluster serves every queue.
 
-    aio-pika's robust connection reconnects to its one URL (``connection.url``, read at each
-    attempt); it calls the close callbacks on every loss and on every failed attempt, before it
-    schedules the next attempt. Channels, queues, bindings and consumers are then restored on
+    aio-pika's robust connection reconnects to its one URL (``retarget`` changes it); it calls
+    the close callbacks on every loss and on every failed attempt, before it schedules the next
+    attempt. Channels, queues, bindings and consumers are then restored on
     the new node as after any reconnect.
     """
 
@@ -113,8 +125,19 @@ class _Failover:
         if not isinstance(connection, aio_pika.RobustConnection) or connection.close_called:
             return  # closed on purpose: nothing to fail over to
         self.index = (self.index + 1) % len(self.urls)
-        connection.url = make_url(self.urls[self.index])
+        retarget(connection, self.urls[self.index])
         log.warning("amqp_broker_switched", broker=_endpoint(self.urls[self.index]))
+
+
+def retarget(connection: aio_pika.RobustConnection, url: str) -> None:
+    """Point a robust connection's next reconnect attempts at ``url``.
+
+    aio-pika 10 has no public way to: each attempt (``Connection.connect``) connects to the
+    connection's ``url`` attribute, which only ``update_secret`` changes, and for the password
+    alone. So this writes that attribute, here only; tests/unit/test_failover.py fails if
+    aio-pika stops reading it.
+    """
+    connection.url = make_url(url)
 
 
 def _endpoint(url: str) -> str:
@@ -150,35 +173,6 @@ async def open_channel(connection: AbstractRobustConnection, prefetch: int = 0) 
     if prefetch:
         await channel.set_qos(prefetch_count=prefetch)
     return channel
-
-
-async def declare_topology(
-    channel: AbstractChannel, queue_type: topology.QueueType = "classic"
-) -> dict[str, AbstractQueue]:
-    """Declare exchanges, queues and bindings; safe to run from every service at every start."""
-    exchange = await channel.declare_exchange(topology.EXCHANGE, ExchangeType.TOPIC, durable=True)
-    dlx = await channel.declare_exchange(
-        topology.DEAD_LETTER_EXCHANGE, ExchangeType.TOPIC, durable=True
-    )
-    queues: dict[str, AbstractQueue] = {}
-    for spec, source in [(q, exchange) for q in topology.WORK_QUEUES] + [
-        (topology.DEAD_LETTER, dlx)
-    ]:
-        arguments = spec.declare_arguments(queue_type)
-        try:
-            queue = await channel.declare_queue(
-                spec.name, durable=True, arguments=arguments or None
-            )
-        except ChannelPreconditionFailed as exc:
-            raise TopologyMismatch(
-                f"queue {spec.name} exists with other arguments than this version declares "
-                f"({arguments or 'none'}): {exc.args[0] if exc.args else exc}; drain and delete "
-                f"it (rabbitmqctl delete_queue -p <vhost> {spec.name}), then start again"
-            ) from None
-        for key in spec.routing_keys:
-            await queue.bind(source, routing_key=key)
-        queues[spec.name] = queue
-    return queues
 
 
 def json_message(body: bytes, *, expiration: float | None, headers: dict[str, Any] | None) -> Any:
@@ -260,17 +254,14 @@ async def connect_once(url: str, *, connect_timeout: float) -> AbstractRobustCon
     later (failing over to the next node, given a list).
     """
     urls = split_amqp_urls(url)
-    reasons: list[str] = []
-    refused = 0
-    for index, candidate in enumerate(urls):
-        try:
-            connection = await aio_pika.connect_robust(candidate, timeout=connect_timeout)
-        except (TimeoutError, AMQPError, OSError) as exc:
-            why = _why(exc, connect_timeout)
-            refused += isinstance(exc, ProbableAuthenticationError | InvalidFrameError)
-            reasons.append(f"cannot connect to the broker at {redacted(candidate)}: {why}")
-            continue
-        if len(urls) > 1:
-            connection.close_callbacks.add(_Failover(urls, index))
+    connection, _, failures = await _try_nodes(urls, connect_timeout=connect_timeout)
+    if connection is not None:
         return connection
+    reasons = [
+        f"cannot connect to the broker at {redacted(candidate)}: {_why(exc, connect_timeout)}"
+        for candidate, exc in failures
+    ]
+    refused = sum(
+        isinstance(exc, ProbableAuthenticationError | InvalidFrameError) for _, exc in failures
+    )
     raise BrokerUnreachable("; ".join(reasons), refused=refused == len(urls))

@@ -8,7 +8,8 @@ queues are declared passively and only this service's own queues are re-bound. W
 and may not be created stops the service with one line naming it and who must create it.
 
 Each check runs on a plain (not robust) channel of its own: a refused or missing entity closes
-that channel only, and nothing of it is replayed after a reconnect.
+that channel only, and nothing of it is replayed after a reconnect. ``declare_topology``
+declares the same on an aio-pika channel in one go, for tests and the bench.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import aiormq
 import structlog
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection, ExchangeType
 from aiormq.exceptions import (
     AMQPError,
     ChannelAccessRefused,
@@ -36,6 +37,7 @@ log = structlog.get_logger("shared.amqp")
 
 TOPOLOGY_CHECK_S = 10.0
 EXCHANGES = (topology.EXCHANGE, topology.DEAD_LETTER_EXCHANGE)
+DURABLE_QUEUES = (*topology.WORK_QUEUES, topology.DEAD_LETTER)
 OWNER = (
     "the broker definitions create it (deploy/rabbitmq/definitions.json, loaded at boot), or an "
     "administrator must"
@@ -70,14 +72,14 @@ class TopologyKeeper:
                 active = _exchange(name, passive=False)
                 await self._ensure("exchange", name, active, _exchange(name))
             bindings = self._bindings()
-            for spec in (*topology.WORK_QUEUES, topology.DEAD_LETTER):
+            for spec in DURABLE_QUEUES:
                 active = _queue(spec.name, spec.declare_arguments(self.queue_type))
                 await self._ensure("queue", spec.name, active, _queue(spec.name, None))
                 # Bound at once, as a queue always was: a publisher that sees the queue exist
                 # must not find it unbound (its message would be unroutable and dropped).
                 for binding in [b for b in bindings if b.queue == spec.name]:
                     await self._bind(binding)
-            declared = {spec.name for spec in (*topology.WORK_QUEUES, topology.DEAD_LETTER)}
+            declared = {spec.name for spec in DURABLE_QUEUES}
             for binding in [b for b in bindings if b.queue not in declared]:
                 await self._bind(binding)
         finally:
@@ -126,13 +128,8 @@ class TopologyKeeper:
     def _mismatch(self, kind: str, name: str, exc: BaseException) -> TopologyMismatch:
         if kind != "queue":
             return TopologyMismatch(f"exchange {name} exists with another type or flags: {exc}")
-        spec = next(s for s in (*topology.WORK_QUEUES, topology.DEAD_LETTER) if s.name == name)
-        arguments = spec.declare_arguments(self.queue_type)
-        return TopologyMismatch(
-            f"queue {name} exists with other arguments than this version declares "
-            f"({arguments or 'none'}): {exc.args[0] if exc.args else exc}; drain and delete "
-            f"it (rabbitmqctl delete_queue -p <vhost> {name}), then start again"
-        )
+        spec = next(s for s in DURABLE_QUEUES if s.name == name)
+        return _queue_mismatch(spec, self.queue_type, exc)
 
     async def _bind(self, binding: Binding) -> None:
         async def bind(channel: aiormq.abc.AbstractChannel) -> None:
@@ -170,6 +167,43 @@ class TopologyKeeper:
                 await channel.close()
             except Exception as exc:  # best effort: the broker drops it with the connection
                 log.debug("amqp_channel_close_failed", error=repr(exc))
+
+
+def _queue_mismatch(
+    spec: topology.QueueSpec, queue_type: topology.QueueType, exc: BaseException
+) -> TopologyMismatch:
+    arguments = spec.declare_arguments(queue_type)
+    return TopologyMismatch(
+        f"queue {spec.name} exists with other arguments than this version declares "
+        f"({arguments or 'none'}): {exc.args[0] if exc.args else exc}; drain and delete "
+        f"it (rabbitmqctl delete_queue -p <vhost> {spec.name}), then start again"
+    )
+
+
+async def declare_topology(
+    channel: AbstractChannel, queue_type: topology.QueueType = "classic"
+) -> dict[str, AbstractQueue]:
+    """Declare exchanges, queues and bindings on an aio-pika channel, all at once, as a user
+    that may configure them: for tests, the bench and tools that set a broker up (a service
+    runs ``TopologyKeeper.ensure``, which also copes with users that may not)."""
+    exchange = await channel.declare_exchange(topology.EXCHANGE, ExchangeType.TOPIC, durable=True)
+    dlx = await channel.declare_exchange(
+        topology.DEAD_LETTER_EXCHANGE, ExchangeType.TOPIC, durable=True
+    )
+    queues: dict[str, AbstractQueue] = {}
+    for spec in DURABLE_QUEUES:
+        source = dlx if spec is topology.DEAD_LETTER else exchange
+        arguments = spec.declare_arguments(queue_type)
+        try:
+            queue = await channel.declare_queue(
+                spec.name, durable=True, arguments=arguments or None
+            )
+        except ChannelPreconditionFailed as exc:
+            raise _queue_mismatch(spec, queue_type, exc) from None
+        for key in spec.routing_keys:
+            await queue.bind(source, routing_key=key)
+        queues[spec.name] = queue
+    return queues
 
 
 def _durable_bindings() -> list[Binding]:

@@ -1,7 +1,8 @@
-"""What a service holds: a publisher with confirms, and consumers that decode at the edge,
-dead-letter what can never succeed, requeue transient failures and ack only once the work is
-durable (or hand a ticket to the handler, which acks later). Every delivery is settled, even one
-whose dead letter cannot be published; a keeper checks the topology while the service runs."""
+"""What a service holds: a publisher with confirms (``publisher.py``), and consumers that
+decode at the edge, dead-letter what can never succeed, requeue transient failures and ack only
+once the work is durable (or hand a ticket to the handler, which acks later). Every delivery is
+settled, even one whose dead letter cannot be published; a keeper checks the topology while the
+service runs."""
 
 from __future__ import annotations
 
@@ -11,16 +12,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
-import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
@@ -33,194 +31,51 @@ from pydantic import BaseModel
 
 from shared import topology
 from shared.acks import plan_acks
+from shared.amqp.config import STUCK_AFTER_MIN_S, AmqpConfig
 from shared.amqp.connection import (
     close_quietly,
     connect,
     connection_name,
-    json_message,
     open_channel,
 )
 from shared.amqp.keeper import TopologyKeeper, keep_topology, own_bindings
 from shared.amqp.lock import LeaderLock
+from shared.amqp.publisher import AmqpPublisher
 from shared.amqp.requests import Requester, publish_reply
-from shared.deadletters import dead_letter_headers
 from shared.decode import decode
 from shared.errors import Rejected, ServiceFault, TopologyLost, Transient
 from shared.metrics import ConsumerHealth, Health, MetricsRegistry, health_of
 from shared.ports import Ticket
 from shared.salvage import Salvage
-from shared.settings import Settings, split_amqp_urls
+from shared.settings import split_amqp_urls
 
 M = TypeVar("M", bound=BaseModel)
 
 log = structlog.get_logger("shared.amqp")
 
 TRANSIENT_BACKOFF = 1.0
-# A delivery held unsettled longer than this, or than 7 flush intervals (the resolver holds
-# deliveries until a flush, and its watchdog may take two periods of 3 intervals), is stuck.
-STUCK_AFTER_MIN_S = 120.0
-STUCK_AFTER_FLUSHES = 7
-
-
-def stuck_after(settings: Settings) -> float:
-    """How long a held delivery may wait before /health calls its consumer stuck: seven flush
-    intervals, at least two minutes, and longer than an IP may queue for ip-api (a rate-limited
-    backlog is slow, not stuck)."""
-    bound = max(STUCK_AFTER_MIN_S, STUCK_AFTER_FLUSHES * settings.flush_interval)
-    if "ip-api" in (part.strip() for part in settings.provider.split(",")):
-        bound = max(bound, settings.ipapi_max_wait + 2 * settings.flush_interval)
-    return bound
-
-
 DEAD_LETTER_FAILING_S = 300.0  # /health reports a failed dead letter for this long
 
-
-class DeadLetterChannel:
-    """Publishes dead letters one at a time on a plain channel opened when needed.
-
-    A refused dead letter (a topic permission, a missing exchange) closes its channel: the next
-    one opens a fresh channel. A robust channel would instead reopen itself under the publishes
-    still in flight, and the broker closes the whole connection on that.
-    """
-
-    def __init__(self, connection: AbstractRobustConnection, timeout: float) -> None:
-        self._connection = connection
-        self._timeout = timeout
-        self._lock = asyncio.Lock()
-        self._channel: aiormq.abc.AbstractChannel | None = None
-
-    async def publish(self, body: bytes, *, route: str, headers: dict[str, Any]) -> None:
-        properties = aiormq.spec.Basic.Properties(
-            content_type="application/json",
-            delivery_mode=2,
-            headers=headers,
-            timestamp=datetime.now(UTC),  # when it was dead-lettered: purge --older-than
-        )
-        async with self._lock:
-            channel = await self._open()
-            try:
-                await channel.basic_publish(
-                    body,
-                    exchange=topology.DEAD_LETTER_EXCHANGE,
-                    routing_key=route,
-                    mandatory=True,  # an unbound geo.dead_letter is a failure, not a silent drop
-                    properties=properties,
-                    timeout=self._timeout,
-                )
-            except BaseException:
-                self._channel = None
-                if not channel.is_closed:
-                    with suppress(Exception):
-                        await channel.close()
-                raise
-
-    async def _open(self) -> aiormq.abc.AbstractChannel:
-        if self._channel is None or self._channel.is_closed:
-            transport = self._connection.transport
-            if transport is None:
-                raise ConnectionError("not connected to the broker")
-            self._channel = await asyncio.wait_for(
-                transport.connection.channel(publisher_confirms=True), self._timeout
-            )
-        return self._channel
-
-    async def close(self) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None and not channel.is_closed:
-            with suppress(Exception):
-                await channel.close()
-
-
-class AmqpPublisher:
-    """Publishes on ``bangui`` with confirms; a group of publishes is confirmed together."""
-
-    def __init__(
-        self, exchange: AbstractExchange, dead_letters: DeadLetterChannel, timeout: float
-    ) -> None:
-        self._exchange = exchange
-        self._dead_letters = dead_letters
-        self._timeout = timeout
-
-    @property
-    def timeout(self) -> float:
-        return self._timeout
-
-    @classmethod
-    async def create(
-        cls,
-        channel: AbstractChannel,
-        connection: AbstractRobustConnection,
-        confirm_timeout: float,
-    ) -> AmqpPublisher:
-        # Not declared (the keeper checks it): a restore after a lost channel or connection
-        # must not fail on an exchange that is gone for a moment.
-        exchange = await channel.get_exchange(topology.EXCHANGE, ensure=False)
-        return cls(exchange, DeadLetterChannel(connection, confirm_timeout), confirm_timeout)
-
-    async def publish(
-        self,
-        routing_key: str,
-        messages: Sequence[BaseModel],
-        *,
-        expiration: float | None = None,
-        mandatory: bool = True,
-    ) -> None:
-        await self.publish_bodies(
-            routing_key,
-            [m.model_dump_json().encode() for m in messages],
-            expiration=expiration,
-            mandatory=mandatory,
-        )
-
-    async def publish_bodies(
-        self,
-        routing_key: str,
-        bodies: Sequence[bytes],
-        *,
-        expiration: float | None = None,
-        mandatory: bool = True,
-    ) -> None:
-        """Publish and wait for every confirm; ``mandatory`` raises when no queue is bound."""
-        try:
-            await asyncio.gather(
-                *(
-                    self._exchange.publish(
-                        json_message(body, expiration=expiration, headers=None),
-                        routing_key,
-                        mandatory=mandatory,
-                        timeout=self._timeout,
-                    )
-                    for body in bodies
-                )
-            )
-        except (TimeoutError, AMQPConnectionError, ChannelInvalidStateError) as exc:
-            raise Transient(f"publish to {routing_key} not confirmed: {exc!r}") from exc
-
-    async def dead_letter(
-        self,
-        message: AbstractIncomingMessage,
-        *,
-        route: str,
-        reason: str,
-        service: str,
-        queue: str,
-        body: bytes | None = None,
-    ) -> None:
-        """Publish a copy of ``message`` (or ``body``, the part of it that was rejected) to
-        ``bangui.dlx`` under ``route``, what ``queue`` is for (never the delivery's routing key,
-        which a CC/BCC header may have carried there)."""
-        headers = dead_letter_headers(
-            message.headers,
-            reason=reason,
-            service=service,
-            queue=queue,
-            delivered_as=message.routing_key or "",
-        )
-        copy = message.body if body is None else body
-        await self._dead_letters.publish(copy, route=route, headers=headers)
-
-    async def close(self) -> None:
-        await self._dead_letters.close()
+MetricKind = Literal["counter", "gauge"]
+# name, kind, help, how to read it from a consumer: /metrics' per-queue delivery counters.
+CONSUMER_METRICS: tuple[tuple[str, MetricKind, str, Callable[[Consumer[Any]], float]], ...] = (
+    ("geo_messages_consumed_total", "counter", "Deliveries received.", lambda c: c.consumed),
+    ("geo_dead_letters_total", "counter", "Sent to geo.dead_letter.", lambda c: c.dead_lettered),
+    (
+        "geo_dead_letter_failures_total",
+        "counter",
+        "Dead letters that could not be published (rejected to the broker instead).",
+        lambda c: c.dead_letter_failures,
+    ),
+    (
+        "geo_messages_partly_dead_lettered_total",
+        "counter",
+        "Handled for their valid part; the invalid part sent to geo.dead_letter.",
+        lambda c: c.partly_dead_lettered,
+    ),
+    ("geo_messages_requeued_total", "counter", "Requeued after a failure.", lambda c: c.requeued),
+    ("geo_deliveries_unacked", "gauge", "Received, not yet settled.", lambda c: c.unsettled),
+)
 
 
 @dataclass(frozen=True)
@@ -519,16 +374,16 @@ class Amqp:
     _requesters: list[Requester] = field(default_factory=list)
 
     @classmethod
-    async def open(cls, settings: Settings, *, service: str, stop: asyncio.Event) -> Amqp:
+    async def open(cls, config: AmqpConfig, *, service: str, stop: asyncio.Event) -> Amqp:
         """Connect and make sure the topology is there; what is missing and may not be created
         raises ``TopologyLost`` (one line). Later losses set ``stop`` (see ``close``)."""
-        connection = await connect(settings.amqp_url, name=connection_name(service))
+        connection = await connect(config.url, name=connection_name(service))
         try:
-            user = unquote(urlsplit(split_amqp_urls(settings.amqp_url)[0]).username or "guest")
-            keeper = TopologyKeeper(connection, user, settings.queue_type)
+            user = unquote(urlsplit(split_amqp_urls(config.url)[0]).username or "guest")
+            keeper = TopologyKeeper(connection, user, config.queue_type)
             await keeper.ensure()
             channel = await open_channel(connection)
-            publisher = await AmqpPublisher.create(channel, connection, settings.publish_timeout)
+            publisher = await AmqpPublisher.create(channel, connection, config.publish_timeout)
         except BaseException:
             await connection.close()
             raise
@@ -537,10 +392,10 @@ class Amqp:
             connection,
             channel,
             publisher,
-            settings.max_message_bytes,
+            config.max_message_bytes,
             keeper,
             stop,
-            stuck_after(settings),
+            config.stuck_after_s,
         )
         wake = asyncio.Event()
         connection.reconnect_callbacks.add(lambda *_: wake.set())
@@ -648,28 +503,10 @@ class Amqp:
 
     def register_metrics(self, registry: MetricsRegistry) -> None:
         """Per-queue delivery counters, read from the consumers' own counts."""
-        rows = (
-            ("geo_messages_consumed_total", "counter", "Deliveries received.", "consumed"),
-            ("geo_dead_letters_total", "counter", "Sent to geo.dead_letter.", "dead_lettered"),
-            (
-                "geo_dead_letter_failures_total",
-                "counter",
-                "Dead letters that could not be published (rejected to the broker instead).",
-                "dead_letter_failures",
-            ),
-            (
-                "geo_messages_partly_dead_lettered_total",
-                "counter",
-                "Handled for their valid part; the invalid part sent to geo.dead_letter.",
-                "partly_dead_lettered",
-            ),
-            ("geo_messages_requeued_total", "counter", "Requeued after a failure.", "requeued"),
-            ("geo_deliveries_unacked", "gauge", "Received, not yet settled.", "unsettled"),
-        )
         for consumer in self.consumers:
-            for name, kind, help_, attribute in rows:
+            for name, kind, help_, read in CONSUMER_METRICS:
                 add = registry.counter if kind == "counter" else registry.gauge
-                add(name, help_, partial(getattr, consumer, attribute), queue=consumer.queue.name)
+                add(name, help_, partial(read, consumer), queue=consumer.queue.name)
 
     async def ack(self, tickets: Sequence[Ticket]) -> None:
         """Ack held deliveries from any of this service's consumers."""

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from shared import topology
-from shared.amqp import Amqp
+from shared.amqp import Amqp, amqp_config
 from shared.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -26,8 +26,8 @@ MAX_BYTES_PER_ATTEMPT = 500
 @pytest.fixture
 async def two_timers(amqp_url: str) -> AsyncIterator[tuple[Amqp, Amqp]]:
     settings = Settings(amqp_url=amqp_url)
-    leader = await Amqp.open(settings, service="timer", stop=asyncio.Event())
-    standby = await Amqp.open(settings, service="timer", stop=asyncio.Event())
+    leader = await Amqp.open(amqp_config(settings), service="timer", stop=asyncio.Event())
+    standby = await Amqp.open(amqp_config(settings), service="timer", stop=asyncio.Event())
     try:
         yield leader, standby
     finally:

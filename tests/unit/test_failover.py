@@ -4,11 +4,14 @@ node, round robin; a deliberate close points it nowhere new."""
 
 from __future__ import annotations
 
+import inspect
+
 import aio_pika
+import aio_pika.abc
 import pytest
 from aio_pika.connection import make_url
 
-from shared.amqp.connection import _endpoint, _Failover, redacted
+from shared.amqp.connection import _endpoint, _Failover, redacted, retarget
 
 NODES = (
     "amqp://geo:secret@rabbit-a:5672/bangui",
@@ -59,3 +62,23 @@ def test_logs_name_a_broker_without_its_password_and_ipv6_in_brackets(
     assert _endpoint(url) == endpoint
     assert redacted(url) == shown
     assert "secret" not in redacted(url)
+
+
+async def test_aio_pika_still_connects_to_the_url_retarget_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``retarget`` writes aio-pika's ``url`` attribute (no public API moves a robust
+    connection): this fails if a new aio-pika stops reconnecting to it."""
+    dialed: list[object] = []
+
+    async def dial(url: object, *_: object, **__: object) -> None:
+        dialed.append(url)
+        raise ConnectionError("not dialed for real")
+
+    monkeypatch.setattr(aio_pika.abc.UnderlayConnection, "connect", dial)
+    connection = aio_pika.RobustConnection(make_url(NODES[0]))
+    retarget(connection, NODES[2])
+    with pytest.raises(ConnectionError):
+        await aio_pika.Connection.connect(connection)  # what each reconnect attempt runs
+    assert dialed == [make_url(NODES[2])]
+    assert "Connection.connect(self" in inspect.getsource(aio_pika.RobustConnection)

@@ -11,9 +11,10 @@ from structlog.testing import capture_logs
 
 from services.resolver.bootstrap import build_lookup
 from services.resolver.geo import Geo
+from services.resolver.provider_files import check_provider_files
 from services.resolver.providers.mmdb import MmdbProvider, MmdbUnavailable
 from shared.messages import Resolution
-from shared.settings import Settings, SettingsError, check_provider_files, load_settings
+from shared.settings import Settings, SettingsError, load_settings
 from tests.fakes import ManualClock
 from tests.mmdb_files import (
     asn,

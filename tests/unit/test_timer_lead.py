@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import cast
 
 import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from services.timer import bootstrap
-from services.timer.bootstrap import hold_lead, wait_to_lead
-from shared.amqp import Amqp
+from services.timer import leadership
+from services.timer.leadership import hold_lead, wait_to_lead
 
 LOG = structlog.get_logger()
 
@@ -34,21 +32,17 @@ class FakeLock:
             raise answer
         return answer
 
-    @property
-    def amqp(self) -> Amqp:
-        return cast(Amqp, self)
-
 
 @pytest.fixture
 def fast_poll(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bootstrap, "STANDBY_POLL", 0.001)
+    monkeypatch.setattr(leadership, "STANDBY_POLL", 0.001)
 
 
 @pytest.mark.usefixtures("fast_poll")
 async def test_a_standby_waits_until_the_lock_is_free_and_says_so_once() -> None:
     lock = FakeLock([False, RuntimeError("Connection was not opened"), False, True])
     with capture_logs() as logs:
-        assert await wait_to_lead(lock.amqp, asyncio.Event(), LOG) is True
+        assert await wait_to_lead(lock, asyncio.Event(), LOG) is True
     assert lock.calls == 4
     assert [e["event"] for e in logs] == ["timer_standby_waiting", "timer_lead_check_failed"]
 
@@ -56,14 +50,14 @@ async def test_a_standby_waits_until_the_lock_is_free_and_says_so_once() -> None
 async def test_a_stopped_standby_stops_waiting() -> None:
     stop = asyncio.Event()
     stop.set()
-    assert await wait_to_lead(FakeLock([]).amqp, stop, LOG) is False
+    assert await wait_to_lead(FakeLock([]), stop, LOG) is False
 
 
 @pytest.mark.usefixtures("fast_poll")
 async def test_the_leader_steps_down_only_when_another_holds_the_lock() -> None:
     lock = FakeLock([True, ConnectionError("reconnecting"), True, False])
     with capture_logs() as logs:
-        assert await hold_lead(lock.amqp, asyncio.Event(), asyncio.Event(), LOG) is True
+        assert await hold_lead(lock, asyncio.Event(), asyncio.Event(), LOG) is True
     assert lock.calls == 4  # an unreachable broker was not taken for a lost lock
     assert [e["event"] for e in logs] == ["timer_lead_check_failed"]
 
@@ -72,7 +66,7 @@ async def test_a_reconnect_makes_the_leader_check_at_once() -> None:
     """STANDBY_POLL stays at its 1 s: only the reconnect can make the check this quick."""
     lock = FakeLock([False])
     reconnected = asyncio.Event()
-    holding = asyncio.create_task(hold_lead(lock.amqp, asyncio.Event(), reconnected, LOG))
+    holding = asyncio.create_task(hold_lead(lock, asyncio.Event(), reconnected, LOG))
     await asyncio.sleep(0)
     reconnected.set()
     assert await asyncio.wait_for(holding, timeout=0.5) is True
@@ -90,5 +84,5 @@ async def test_a_stopped_leader_is_not_a_lost_one() -> None:
             return await super().try_lead(lock_name)
 
     lock = StopsOnThirdCheck([True] * 10)
-    assert await hold_lead(lock.amqp, stop, asyncio.Event(), LOG) is False
+    assert await hold_lead(lock, stop, asyncio.Event(), LOG) is False
     assert lock.calls == 3

@@ -1,17 +1,15 @@
-"""For the CLI and other BanGUI components: publishing without declaring anything, and the
-dead-letter queue looked at and replayed."""
+"""Administration of ``geo.dead_letter`` for the CLI: peek at the dead letters, replay them to
+their trusted routes (``shared.deadletters``) and purge them; a dead letter is only ever removed
+once its replay is confirmed or it was picked for purging."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
-import structlog
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
@@ -25,97 +23,9 @@ from aio_pika.exceptions import (
 )
 
 from shared import topology
-from shared.amqp.connection import (
-    BrokerError,
-    BrokerUnreachable,
-    PublishFailed,
-    close_quietly,
-    connect_once,
-    json_message,
-    open_channel,
-    redacted,
-)
+from shared.amqp.connection import BrokerError, PublishFailed, close_quietly
+from shared.amqp.publisher import publish_confirmed
 from shared.deadletters import DeadLetter, dead_letter_from
-
-log = structlog.get_logger("shared.amqp")
-
-
-class ExchangePublisher:
-    """Publishes raw bodies on one existing exchange and waits for the broker's confirms.
-
-    It declares nothing (the services own the topology), so a publish-only user (write on
-    ``bangui``, no configure, no read) can use it. Publishes are mandatory: a message that no
-    queue would take raises instead of vanishing.
-    """
-
-    def __init__(
-        self,
-        connection: AbstractRobustConnection,
-        channel: AbstractChannel,
-        exchange: AbstractExchange,
-        confirm_timeout: float,
-    ) -> None:
-        self.connection = connection
-        self._channel = channel
-        self._exchange = exchange
-        self._timeout = confirm_timeout
-
-    @classmethod
-    async def open(
-        cls,
-        url: str,
-        *,
-        connect_timeout: float,
-        confirm_timeout: float,
-        exchange: str = topology.EXCHANGE,
-    ) -> ExchangePublisher:
-        connection = await connect_once(url, connect_timeout=connect_timeout)
-        try:
-            channel = await open_channel(connection)
-            try:
-                target = await channel.get_exchange(exchange, ensure=True)  # passive: no rights
-            except ChannelNotFoundEntity:
-                raise BrokerUnreachable(
-                    f"exchange {exchange!r} does not exist on {redacted(url)} "
-                    "(start a bangui-geo service once: it declares the topology)"
-                ) from None
-        except BaseException:
-            await connection.close()
-            raise
-        return cls(connection, channel, target, confirm_timeout)
-
-    async def publish(
-        self, routing_key: str, bodies: Sequence[bytes], *, window: int = 100
-    ) -> None:
-        """Publish ``bodies`` persistently, ``window`` confirms in flight at a time."""
-        for start in range(0, len(bodies), window):
-            try:
-                await asyncio.gather(
-                    *(
-                        self._exchange.publish(
-                            json_message(body, expiration=None, headers=None),
-                            routing_key,
-                            mandatory=True,
-                            timeout=self._timeout,
-                        )
-                        for body in bodies[start : start + window]
-                    )
-                )
-            except PublishError:
-                raise PublishFailed(
-                    f"{routing_key} was not routed: no queue is bound to it on "
-                    f"{self._exchange.name!r} (has the resolver declared its queue?)"
-                ) from None
-            except TimeoutError:
-                raise PublishFailed(
-                    f"{routing_key} not confirmed within {self._timeout:g} s"
-                ) from None
-            except (AMQPError, ChannelInvalidStateError, RuntimeError) as exc:
-                raise PublishFailed(f"{routing_key} not confirmed: {exc!r}") from None
-
-    async def close(self) -> None:
-        await close_quietly(self._channel)
-        await self.connection.close()
 
 
 def _letter(message: AbstractIncomingMessage) -> DeadLetter:
@@ -208,11 +118,8 @@ async def replay_dead_letters(
                 outcomes.append(ReplayOutcome(letter, False, note))
                 continue
             try:
-                await exchange.publish(
-                    json_message(message.body, expiration=None, headers=None),
-                    letter.replay_key,
-                    mandatory=True,
-                    timeout=confirm_timeout,
+                await publish_confirmed(
+                    exchange, letter.replay_key, [message.body], confirm_timeout=confirm_timeout
                 )
             except PublishError:
                 kept.append(message)
