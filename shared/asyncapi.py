@@ -9,67 +9,22 @@ says who sends it and who receives it, and the servers are the compose broker's.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
 from shared import topology
 from shared.ipschema import IP_JSON_SCHEMA
-from shared.messages import (
-    FlushDirty,
-    GeoLookupReply,
-    GeoLookupRequest,
-    GeoUpsertBatch,
-    IpResolved,
-    IpSeen,
-    KnownQuery,
-    KnownRows,
-    RequestError,
-    ReResolveStale,
-    RetryUnresolved,
-)
+from shared.messages import RequestError
+from shared.routes import ROUTES, Route
+
+__all__ = ["ROUTES", "Route", "document", "render"]
 
 VHOST = "bangui"  # the vhost deploy/rabbitmq/definitions.json creates and compose uses
 AMQP_BINDING_VERSION = "0.3.0"
 IP_SCHEMA_NAME = "IpAddress"
 
 
-@dataclass(frozen=True)
-class Route:
-    routing_key: str
-    model: type[BaseModel]
-    senders: str
-    receivers: str
-    queue: str | None
-    public: bool  # part of what other BanGUI components send or receive
-    reply: type[BaseModel] | None = None  # request/reply: answered at the request's reply_to
-
-    @property
-    def channel_id(self) -> str:
-        head, *rest = self.routing_key.replace("_", ".").split(".")
-        return head + "".join(part.capitalize() for part in rest)
-
-
-ROUTES = (
-    Route(topology.IP_SEEN, IpSeen, "other BanGUI components (fail2ban action, web, importers)",
-          "resolver", topology.RESOLVER_IP_SEEN.name, public=True),
-    Route(topology.RESOLVED, IpResolved, "resolver, after each flush",
-          "dashboards: bind a queue of your own", None, public=True),
-    Route(topology.FLUSH, FlushDirty, "timer", "every resolver replica",
-          f"{topology.RESOLVER_FLUSH_PREFIX}<host>.<pid>", public=False),
-    Route(topology.RE_RESOLVE, ReResolveStale, "timer", "persistence",
-          topology.PERSISTENCE_RE_RESOLVE.name, public=False),
-    Route(topology.UPSERT, GeoUpsertBatch, "resolver", "persistence",
-          topology.PERSISTENCE_UPSERT.name, public=False),
-    Route(topology.RETRY, RetryUnresolved, "persistence", "resolver",
-          topology.RESOLVER_RETRY.name, public=False),
-    Route(topology.LOOKUP, GeoLookupRequest, "other BanGUI components (web, CLI)",
-          "any resolver replica (competing consumers)", topology.RESOLVER_LOOKUP.name,
-          public=True, reply=GeoLookupReply),
-    Route(topology.KNOWN, KnownQuery, "resolver, on cache misses", "persistence",
-          topology.PERSISTENCE_KNOWN.name, public=False, reply=KnownRows),
-)  # fmt: skip
 REPLY_TO = "$message.header#/reply_to"
 CORRELATION_ID = "$message.header#/correlation_id"
 
@@ -109,7 +64,7 @@ def _shared_ip_schema(node: Any) -> Any:
     return node
 
 
-def _binding(route: Route) -> dict[str, Any]:
+def _binding(route: Route[Any]) -> dict[str, Any]:
     return {
         "amqp": {
             "is": "routingKey",
@@ -125,9 +80,9 @@ def _binding(route: Route) -> dict[str, Any]:
     }
 
 
-def _operation(route: Route, action: str, who: str) -> dict[str, Any]:
+def _operation(route: Route[Any], action: str, who: str) -> dict[str, Any]:
     verb = "sends" if action == "send" else "receives"
-    queue = f" from queue '{route.queue}'" if action == "receive" and route.queue else ""
+    queue = f" from queue '{route.queue.name}'" if action == "receive" and route.queue else ""
     operation: dict[str, Any] = {
         "action": action,
         "channel": {"$ref": f"#/channels/{route.channel_id}"},
@@ -151,11 +106,11 @@ def _operation(route: Route, action: str, who: str) -> dict[str, Any]:
     return operation
 
 
-def _reply_channel_id(route: Route) -> str:
+def _reply_channel_id(route: Route[Any]) -> str:
     return f"{route.channel_id}Reply"
 
 
-def _reply_models(route: Route) -> list[type[BaseModel]]:
+def _reply_models(route: Route[Any]) -> list[type[BaseModel]]:
     assert route.reply is not None
     return [route.reply, RequestError] if route.public else [route.reply]
 

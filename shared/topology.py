@@ -38,6 +38,7 @@ UNTRUSTED_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-ge
 
 
 QueueType = Literal["classic", "quorum"]
+REPLICA_PLACEHOLDER = "<host>.<pid>"
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,18 @@ class QueueSpec:
     routing_keys: tuple[str, ...]
     dead_letter: bool = True  # commands expire silently instead of piling into geo.dead_letter
     single_active: bool = False  # one consumer at a time; the others wait as hot standbys
+    # Exclusive to one process, named by it (``name`` holds the ``<host>.<pid>`` placeholder):
+    # each replica gets its own copy of every message, and the queue goes with the replica.
+    per_replica: bool = False
 
     @property
     def route(self) -> str:
         """The routing key this queue is for: its dead letters go to ``bangui.dlx`` under it."""
         return self.routing_keys[0]
+
+    def replica_name(self, replica: str) -> str:
+        """The name of this replica's own queue (``replica`` is ``<host>.<pid>``)."""
+        return self.name.replace(REPLICA_PLACEHOLDER, replica) if self.per_replica else self.name
 
     def declare_arguments(self, queue_type: QueueType = "classic") -> dict[str, Any]:
         args: dict[str, Any] = {}
@@ -89,6 +97,12 @@ WORK_QUEUES: tuple[QueueSpec, ...] = (
 # with this prefix (plus host and pid, for the management UI), gone when the replica is.
 RESOLVER_FLUSH_PREFIX = "geo.resolver.flush."
 RESOLVER_FLUSH_KEYS = (FLUSH,)
+RESOLVER_FLUSH = QueueSpec(
+    f"{RESOLVER_FLUSH_PREFIX}{REPLICA_PLACEHOLDER}",
+    RESOLVER_FLUSH_KEYS,
+    dead_letter=False,
+    per_replica=True,
+)
 
 # Exclusive, server-named-by-us queue whose holder is the one active timer.
 TIMER_LEADER_QUEUE = "geo.timer.leader"

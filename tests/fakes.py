@@ -9,15 +9,12 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from services.resolver.geo import Geo
-from shared import topology
-from shared.messages import GeoRow, GeoUpsertBatch, IpResolved, Resolution, RetryUnresolved
+from shared.messages import GeoRow, Resolution
 from shared.ports import Ticket
+from shared.routes import ROUTES
 
-MODELS_BY_ROUTING_KEY: dict[str, type[BaseModel]] = {
-    topology.UPSERT: GeoUpsertBatch,
-    topology.RESOLVED: IpResolved,
-    topology.RETRY: RetryUnresolved,
-}
+# What a body published under each routing key decodes into: the route table's models.
+MODELS_BY_ROUTING_KEY: dict[str, type[BaseModel]] = {r.routing_key: r.model for r in ROUTES}
 
 
 @dataclass

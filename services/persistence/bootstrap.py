@@ -1,8 +1,10 @@
-"""Composition root of persistence: opens the geo_cache store and the broker, wires the queues."""
+"""Composition root of persistence: opens the geo_cache store and the transport (the broker, or
+the in-memory one in tests), and gives each route of the table it consumes its handler."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from functools import partial
 
@@ -16,18 +18,27 @@ from services.persistence.handlers import (
 )
 from services.persistence.ports import GeoRepository
 from services.persistence.stores import describe, open_repository
-from shared import topology
-from shared.amqp import Amqp, amqp_config
-from shared.messages import GeoUpsertBatch, KnownQuery, ReResolveStale
+from shared import routes
+from shared.amqp import amqp_config
 from shared.metrics import MetricsRegistry, serve_metrics
+from shared.routes import Answers, Plain, Wiring, wire, wiring
 from shared.settings import Settings
+from shared.transport import OpenTransport, Transport, open_amqp
 
-UPSERT_PREFETCH = 8
-KNOWN_PREFETCH = 16
+OpenStore = Callable[[Settings], Awaitable[GeoRepository]]
+
+
+def persistence_routes(deps: PersistenceDeps) -> Wiring:
+    return wiring(
+        "persistence",
+        wire(routes.UPSERT, Plain(partial(on_geo_upsert_batch, deps=deps))),
+        wire(routes.RE_RESOLVE, Plain(partial(on_re_resolve, deps=deps))),
+        wire(routes.KNOWN, Answers(partial(on_known, deps=deps))),
+    )
 
 
 def persistence_metrics(
-    deps: PersistenceDeps, repository: GeoRepository, amqp: Amqp
+    deps: PersistenceDeps, repository: GeoRepository, amqp: Transport
 ) -> MetricsRegistry:
     registry = MetricsRegistry("persistence")
     amqp.register_metrics(registry)
@@ -66,12 +77,18 @@ def persistence_metrics(
     return registry
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
+async def run(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    transport: OpenTransport = open_amqp,
+    store: OpenStore = open_repository,
+) -> None:
     log = structlog.get_logger("persistence")
     async with AsyncExitStack() as resources:  # released in reverse order of acquisition
-        repository = await open_repository(settings)
+        repository = await store(settings)
         resources.push_async_callback(repository.close)
-        amqp = await Amqp.open(amqp_config(settings), service="persistence", stop=stop)
+        amqp = await transport(amqp_config(settings), service="persistence", stop=stop)
         resources.push_async_callback(amqp.close)
         deps = PersistenceDeps(
             repository=repository,
@@ -80,24 +97,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             refresh_per_tick=settings.refresh_per_tick,
         )
         try:
-            await amqp.consume(
-                topology.PERSISTENCE_UPSERT,
-                GeoUpsertBatch,
-                prefetch=UPSERT_PREFETCH,
-                handler=partial(on_geo_upsert_batch, deps=deps),
-            )
-            await amqp.consume(
-                topology.PERSISTENCE_RE_RESOLVE,
-                ReResolveStale,
-                prefetch=1,
-                handler=partial(on_re_resolve, deps=deps),
-            )
-            await amqp.consume(
-                topology.PERSISTENCE_KNOWN,
-                KnownQuery,
-                prefetch=KNOWN_PREFETCH,
-                request_handler=partial(on_known, deps=deps),
-            )
+            await amqp.consume(persistence_routes(deps), prefetch=settings.prefetch)
             registry = persistence_metrics(deps, repository, amqp)
             metrics = await serve_metrics(settings, registry, amqp.health)
             if metrics is not None:

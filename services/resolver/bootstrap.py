@@ -1,14 +1,13 @@
 """Composition root of the resolver: the only place that names concrete adapters.
 
-``build_deps`` binds real or fake adapters into ``ResolverDeps``; ``run`` wires each queue to its
-model and handler and owns the AMQP connection's lifetime.
+``build_deps`` binds real or fake adapters into ``ResolverDeps``; ``resolver_routes`` gives each
+route of the table the resolver consumes its handler; ``run`` owns the transport's lifetime (the
+real broker, or the in-memory one in tests).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -32,17 +31,15 @@ from services.resolver.providers.embedded import EmbeddedProvider
 from services.resolver.providers.ipapi import IpApiProvider
 from services.resolver.providers.mmdb import MmdbProvider
 from services.resolver.stuck import resolver_amqp_config
-from shared import topology
-from shared.amqp import Amqp
-from shared.messages import FlushDirty, GeoLookupRequest, IpSeen, RetryUnresolved
+from shared import routes, topology
 from shared.metrics import MetricsRegistry, serve_metrics
 from shared.ports import Acker, Publisher
-from shared.salvage import salvage_ip_seen
+from shared.routes import Answers, Deferred, Plain, Wiring, wire, wiring
 from shared.settings import Settings
+from shared.transport import OpenTransport, Transport, open_amqp
 
 # With no geo.flush for this many flush intervals, the resolver flushes by itself.
 WATCHDOG_INTERVALS = 3
-LOOKUP_PREFETCH = 64  # geo.lookup requests answered at once per replica
 
 
 def build_lookup(settings: Settings) -> GeoLookup:
@@ -76,7 +73,17 @@ def build_deps(
     )
 
 
-def resolver_metrics(deps: ResolverDeps, amqp: Amqp) -> MetricsRegistry:
+def resolver_routes(deps: ResolverDeps) -> Wiring:
+    return wiring(
+        "resolver",
+        wire(routes.FLUSH, Plain(partial(on_flush_dirty, deps=deps))),
+        wire(routes.IP_SEEN, Deferred(partial(on_ip_seen, deps=deps))),
+        wire(routes.LOOKUP, Answers(partial(on_geo_lookup, deps=deps))),
+        wire(routes.RETRY, Deferred(partial(on_retry_unresolved, deps=deps))),
+    )
+
+
+def resolver_metrics(deps: ResolverDeps, amqp: Transport) -> MetricsRegistry:
     registry = MetricsRegistry("resolver")
     amqp.register_metrics(registry)
     cache, state = deps.cache, deps.state
@@ -123,12 +130,14 @@ def resolver_metrics(deps: ResolverDeps, amqp: Amqp) -> MetricsRegistry:
     return registry
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
+async def run(
+    settings: Settings, stop: asyncio.Event, *, transport: OpenTransport = open_amqp
+) -> None:
     log = structlog.get_logger("resolver")
     async with AsyncExitStack() as resources:  # released in reverse order of acquisition
         lookup = build_lookup(settings)  # before the broker: a bad provider file fails fast
         resources.push_async_callback(lookup.close)
-        amqp = await Amqp.open(resolver_amqp_config(settings), service="resolver", stop=stop)
+        amqp = await transport(resolver_amqp_config(settings), service="resolver", stop=stop)
         resources.push_async_callback(amqp.close)
         requester = await amqp.requester()
         known = KnownBatcher(partial(requester.request, topology.KNOWN), settings.known_timeout)
@@ -136,34 +145,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             settings, lookup=lookup, publisher=amqp.publisher, acker=amqp, known=known
         )
         try:
-            # Commands first: with a backlog, ip.seen deliveries would delay their registration
-            # and the timer's geo.flush would find no queue bound yet.
-            await amqp.consume_private(
-                f"{topology.RESOLVER_FLUSH_PREFIX}{socket.gethostname()}.{os.getpid()}",
-                topology.RESOLVER_FLUSH_KEYS,
-                FlushDirty,
-                prefetch=4,
-                handler=partial(on_flush_dirty, deps=deps),
-            )
-            await amqp.consume(
-                topology.RESOLVER_IP_SEEN,
-                IpSeen,
-                prefetch=settings.prefetch,
-                deferred_handler=partial(on_ip_seen, deps=deps),
-                salvage=salvage_ip_seen,  # one typo in a bulk import loses no other address
-            )
-            await amqp.consume(
-                topology.RESOLVER_LOOKUP,
-                GeoLookupRequest,
-                prefetch=LOOKUP_PREFETCH,
-                request_handler=partial(on_geo_lookup, deps=deps),
-            )
-            await amqp.consume(
-                topology.RESOLVER_RETRY,
-                RetryUnresolved,
-                prefetch=settings.prefetch,
-                deferred_handler=partial(on_retry_unresolved, deps=deps),
-            )
+            await amqp.consume(resolver_routes(deps), prefetch=settings.prefetch)
             metrics = await serve_metrics(settings, resolver_metrics(deps, amqp), amqp.health)
             if metrics is not None:
                 resources.push_async_callback(metrics.stop)

@@ -21,10 +21,11 @@ import structlog
 from services.timer.leadership import hold_lead, wait_to_lead
 from services.timer.ticker import Cadence, tick_forever
 from shared import topology
-from shared.amqp import Amqp, amqp_config
+from shared.amqp import amqp_config
 from shared.messages import FlushDirty, ReResolveStale
 from shared.metrics import MetricsRegistry, serve_metrics
 from shared.settings import Settings
+from shared.transport import OpenTransport, open_amqp
 
 
 def cadences(settings: Settings) -> tuple[Cadence, Cadence]:
@@ -42,10 +43,12 @@ def _re_resolve(tick_id: str, issued_at: object) -> ReResolveStale:
     return ReResolveStale.model_validate({"tick_id": tick_id, "issued_at": issued_at})
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
+async def run(
+    settings: Settings, stop: asyncio.Event, *, transport: OpenTransport = open_amqp
+) -> None:
     log = structlog.get_logger("timer")
     async with AsyncExitStack() as resources:  # released in reverse order of acquisition
-        amqp = await Amqp.open(amqp_config(settings), service="timer", stop=stop)
+        amqp = await transport(amqp_config(settings), service="timer", stop=stop)
         resources.push_async_callback(amqp.close)
         status = TimerStatus()
         metrics = await serve_metrics(settings, timer_metrics(status), amqp.health)

@@ -6,7 +6,8 @@ each body into its model at the edge, sends what can never succeed to ``geo.dead
 the reason in a header, requeues transient failures after a back-off, and acks only after the
 handler's effect is durable; it checks the topology is still there while a service runs.
 ``connection``, ``publisher``, ``service``, ``keeper`` and ``deadletters`` (the CLI's
-administration of ``geo.dead_letter``) each hold one part.
+administration of ``geo.dead_letter``) each hold one part; ``memory`` is an in-memory broker
+with the same consumers, for tests.
 """
 
 from aio_pika.abc import AbstractRobustConnection as BrokerConnection

@@ -2,25 +2,27 @@
 decode at the edge, dead-letter what can never succeed, requeue transient failures and ack only
 once the work is durable (or hand a ticket to the handler, which acks later). Every delivery is
 settled, even one whose dead letter cannot be published; a keeper checks the topology while the
-service runs."""
+service runs. ``shared.disposition`` decides what becomes of each delivery; ``Consumer`` carries
+it out, and ``Amqp.consume`` starts one consumer per route a service wires (``shared.routes``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import (
@@ -43,17 +45,35 @@ from shared.amqp.lock import LeaderLock
 from shared.amqp.publisher import AmqpPublisher
 from shared.amqp.requests import Requester, publish_reply
 from shared.decode import decode
+from shared.disposition import (
+    TRANSIENT_BACKOFF,
+    Ack,
+    DeadLetter,
+    DeadLettered,
+    DeadLetterFailed,
+    Disposition,
+    Failed,
+    Handled,
+    Held,
+    Leave,
+    Outcome,
+    Refused,
+    RejectWithoutRequeue,
+    Requeue,
+    TransientFailure,
+    Unanswered,
+    disposition,
+)
 from shared.errors import Rejected, ServiceFault, TopologyLost, Transient
 from shared.metrics import ConsumerHealth, Health, MetricsRegistry, health_of
 from shared.ports import Ticket
-from shared.salvage import Salvage
+from shared.routes import Answers, Deferred, Handler, Route, Wired, Wiring, queue_of
 from shared.settings import split_amqp_urls
 
 M = TypeVar("M", bound=BaseModel)
 
 log = structlog.get_logger("shared.amqp")
 
-TRANSIENT_BACKOFF = 1.0
 DEAD_LETTER_FAILING_S = 300.0  # /health reports a failed dead letter for this long
 
 MetricKind = Literal["counter", "gauge"]
@@ -86,28 +106,64 @@ class AmqpTicket:
     consumer: Consumer[Any]
 
 
-Handler = Callable[[M], Awaitable[None]]
-RequestHandler = Callable[[M], Awaitable[bytes]]  # returns the reply's body
-DeferredHandler = Callable[[M, AmqpTicket], Awaitable[None]]
-Salvager = Callable[[bytes], Salvage | None]
+class ConsumedQueue(Protocol):
+    """What a consumer needs of its queue: an aio-pika queue, or an in-memory one."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def consume(
+        self, callback: Callable[[AbstractIncomingMessage], Awaitable[Any]], /
+    ) -> str: ...
+
+    async def cancel(self, consumer_tag: str, /) -> object: ...
+
+
+class DeadLetterer(Protocol):
+    """Publishes a copy of a delivery (or of its rejected part) to ``bangui.dlx``."""
+
+    async def dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        *,
+        route: str,
+        reason: str,
+        service: str,
+        queue: str,
+        body: bytes | None = None,
+    ) -> None: ...
+
+
+class Replier(Protocol):
+    """Publishes a request's reply at its ``reply_to``, with its correlation id."""
+
+    async def reply(self, request: AbstractIncomingMessage, body: bytes, /) -> None: ...
+
+
+@dataclass(frozen=True)
+class ChannelReplier:
+    """Replies on the consumer's own channel (``shared.amqp.requests.publish_reply``)."""
+
+    channel: AbstractChannel
+    timeout: float
+
+    async def reply(self, request: AbstractIncomingMessage, body: bytes, /) -> None:
+        await publish_reply(self.channel, request, body, self.timeout)
 
 
 @dataclass
 class Consumer(Generic[M]):
-    """One queue, one channel, one model, one handler; counts what it did."""
+    """One queue, one channel, one route and its handler; counts what it did. What becomes of
+    each delivery is ``shared.disposition``'s decision; this class carries it out."""
 
     service: str
-    queue: AbstractQueue
-    model: type[M]
-    handler: Handler[M] | None
-    deferred_handler: DeferredHandler[M] | None
-    publisher: AmqpPublisher
+    queue: ConsumedQueue
+    spec: topology.QueueSpec  # its binding keys: anything else arrived by CC/BCC or by name
+    route: Route[M]
+    handler: Handler[M]
+    publisher: DeadLetterer
+    replier: Replier
     max_bytes: int
-    routing_keys: frozenset[str]  # exact binding keys: anything else arrived by CC/BCC or by name
-    route: str  # what the queue is for: its dead letters' routing key on bangui.dlx
-    salvage: Salvager | None = None  # keeps the valid part of a message that is partly bad
-    request_handler: RequestHandler[M] | None = None  # answers at the delivery's reply_to
-    reply_channel: AbstractChannel | None = None
     replied: int = 0
     consumed: int = 0
     partly_dead_lettered: int = 0
@@ -120,6 +176,11 @@ class Consumer(Generic[M]):
     _received_at: dict[int, float] = field(default_factory=dict)  # monotonic, per unsettled tag
     _dead_letter_failed_at: float | None = None
     _channel: object = None
+
+    @property
+    def dead_letter_route(self) -> str:
+        """What the queue is for: its dead letters' routing key on ``bangui.dlx``."""
+        return self.spec.route
 
     async def start(self) -> None:
         self._tag = await self.queue.consume(self._on_message)
@@ -176,24 +237,28 @@ class Consumer(Generic[M]):
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         self.consumed += 1
+        outcome = await self._outcome(message)
+        await self._apply(message, disposition(outcome, redelivered=bool(message.redelivered)))
+
+    async def _outcome(self, message: AbstractIncomingMessage) -> Outcome:
         try:
-            if message.routing_key not in self.routing_keys:
+            if message.routing_key not in self.spec.routing_keys:
                 # RabbitMQ 3.x topic permissions don't check CC/BCC headers, and the default
                 # exchange routes by queue name: refuse what the topology would not route here.
                 raise Rejected(
                     f"routing key {message.routing_key!r} is not bound to {self.queue.name}"
                 )
-            if self.request_handler is not None:
-                await self._answer(message)
-                return
+            handler = self.handler
+            if isinstance(handler, Answers):
+                return await self._answer(message, handler)
             model = await self._decode(message)
-            if self.deferred_handler is not None:
-                await self.deferred_handler(model, AmqpTicket(message, self))
-                return  # the handler settles the ticket later
-            assert self.handler is not None
-            await self.handler(model)
+            if isinstance(handler, Deferred):
+                await handler.handle(model, AmqpTicket(message, self))
+                return Held()  # the handler settles the ticket later
+            await handler.handle(model)
+            return Handled()
         except Rejected as exc:
-            await self._reject(message, exc.reason)
+            return Refused(exc.reason)
         except Transient as exc:
             log.warning(
                 "message_requeued",
@@ -201,67 +266,76 @@ class Consumer(Generic[M]):
                 reason=str(exc),
                 backoff_s=TRANSIENT_BACKOFF,
             )
-            await asyncio.sleep(TRANSIENT_BACKOFF)
-            await self._settle(message, requeue=True)
+            return TransientFailure(str(exc))
         except Exception as exc:
-            if message.redelivered:
-                log.exception("message_failed_twice", queue=self.queue.name)
-                await self._reject(message, f"handler failed on redelivery: {exc!r}"[:500])
-            else:
-                log.exception("message_failed", queue=self.queue.name)
-                await self._settle(message, requeue=True)
-        else:
-            await self._settle(message)
+            twice = "message_failed_twice" if message.redelivered else "message_failed"
+            log.exception(twice, queue=self.queue.name)
+            return Failed(repr(exc))
 
-    async def _answer(self, message: AbstractIncomingMessage) -> None:
+    async def _apply(self, message: AbstractIncomingMessage, action: Disposition) -> None:
+        match action:
+            case Ack():
+                await self._settle(message)
+            case Leave():
+                pass
+            case Requeue(backoff_s=backoff):
+                if backoff:
+                    await asyncio.sleep(backoff)
+                await self._settle(message, requeue=True)
+            case DeadLetter(reason=reason):
+                outcome = await self._dead_letter(message, reason)
+                redelivered = bool(message.redelivered)
+                await self._apply(message, disposition(outcome, redelivered=redelivered))
+            case RejectWithoutRequeue():
+                await self._settle(message, reject=True)
+
+    async def _answer(self, message: AbstractIncomingMessage, handler: Answers[M]) -> Outcome:
         """A request: the reply (or ``{"error": ...}`` for a malformed one) goes to its
         ``reply_to`` before the ack; without a ``reply_to`` nobody could read an answer, so it
         is dead-lettered like any malformed message."""
-        assert self.request_handler is not None
-        assert self.reply_channel is not None
         if not message.reply_to:
             try:
-                decode(self.model, message.body, self.max_bytes)
+                decode(self.route.model, message.body, self.max_bytes)
             except Rejected as exc:
                 raise Rejected(f"{exc.reason} (and no reply_to to answer)") from None
             raise Rejected("a request needs a reply_to property to be answered")
         try:
-            model = decode(self.model, message.body, self.max_bytes)
+            model = decode(self.route.model, message.body, self.max_bytes)
         except Rejected as exc:
             log.warning("request_refused", queue=self.queue.name, reason=exc.reason)
             reply = json.dumps({"error": exc.reason}).encode()
         else:
             try:
-                reply = await self.request_handler(model)
+                reply = await handler.handle(model)
             except Exception as exc:
                 # The requester waits a bounded time and falls back; a retry or a dead letter
                 # would only answer someone who stopped waiting.
                 log.warning("request_unanswered", queue=self.queue.name, error=repr(exc)[:300])
-                await self._settle(message)
-                return
+                return Unanswered()
         try:
-            await publish_reply(self.reply_channel, message, reply, self.publisher.timeout)
+            await self.replier.reply(message, reply)
         except (TimeoutError, AMQPConnectionError, ChannelInvalidStateError) as exc:
             raise Transient(f"reply to {message.reply_to} not confirmed: {exc!r}") from exc
         self.replied += 1
-        await self._settle(message)
+        return Handled()
 
     async def _decode(self, message: AbstractIncomingMessage) -> M:
         """The model of the message; for a partly bad one that ``salvage`` can split, the
         valid part, once the invalid part is dead-lettered (if that publish fails, the whole
         message is rejected instead, as without salvage)."""
+        model, salvage = self.route.model, self.route.salvage
         try:
-            return decode(self.model, message.body, self.max_bytes)
+            return decode(model, message.body, self.max_bytes)
         except Rejected:
-            if self.salvage is None or len(message.body) > self.max_bytes:
+            if salvage is None or len(message.body) > self.max_bytes:
                 raise  # a body over the limit is never read, partly or whole
-            part = self.salvage(message.body)
-            if part is None or not isinstance(part.kept, self.model):
+            part = salvage(message.body)
+            if part is None or not isinstance(part.kept, model):
                 raise
             try:
                 await self.publisher.dead_letter(
                     message,
-                    route=self.route,
+                    route=self.dead_letter_route,
                     reason=part.reason,
                     service=self.service,
                     queue=self.queue.name,
@@ -280,14 +354,14 @@ class Consumer(Generic[M]):
             )
             return part.kept
 
-    async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
-        """Dead-letter a copy, then ack; if the copy cannot be published, reject without
-        requeue (the broker dead-letters it where the queue has a dead-letter exchange, and
-        drops it where not): a poison message never stays unsettled."""
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> Outcome:
+        """Publish a copy to ``bangui.dlx``; whether it was published decides how the delivery
+        is settled (acked, or rejected without requeue: the broker dead-letters it where the
+        queue has a dead-letter exchange, and drops it where not)."""
         try:
             await self.publisher.dead_letter(
                 message,
-                route=self.route,
+                route=self.dead_letter_route,
                 reason=reason,
                 service=self.service,
                 queue=self.queue.name,
@@ -303,8 +377,7 @@ class Consumer(Generic[M]):
                 error=repr(exc),
                 settled="rejected without requeue",
             )
-            await self._settle(message, reject=True)
-            return
+            return DeadLetterFailed(reason)
         self.dead_lettered += 1
         log.warning(
             "message_dead_lettered",
@@ -313,7 +386,7 @@ class Consumer(Generic[M]):
             reason=reason,
             bytes=len(message.body),
         )
-        await self._settle(message)
+        return DeadLettered()
 
     async def _settle(
         self, message: AbstractIncomingMessage, *, requeue: bool = False, reject: bool = False
@@ -406,84 +479,42 @@ class Amqp:
         self.fault = str(exc)
         self.stop.set()
 
-    async def consume(
-        self,
-        spec: topology.QueueSpec,
-        model: type[M],
-        *,
-        prefetch: int,
-        handler: Handler[M] | None = None,
-        deferred_handler: DeferredHandler[M] | None = None,
-        salvage: Salvager | None = None,
-        request_handler: RequestHandler[M] | None = None,
-    ) -> Consumer[M]:
-        """Start consuming ``spec`` on a channel of its own (so acks and prefetch are per queue).
-        ``salvage`` splits a rejected body into a valid part to handle and a part to
-        dead-letter (``shared.salvage``); ``request_handler`` answers each delivery at its
-        ``reply_to`` (``shared.amqp.requests``)."""
-        bindings = own_bindings(spec.name, spec.routing_keys)
-        await self.keeper.ensure_bindings(bindings)  # restored at once if one was deleted
-        self.keeper.own.extend(bindings)
+    async def consume(self, wiring: Wiring, *, prefetch: int) -> None:
+        """Start a consumer per wired route, each on a channel of its own (so acks and prefetch
+        are per queue); ``prefetch`` for the routes whose table entry names none."""
+        for wired in wiring:
+            limit = wired.route.prefetch
+            await self.consume_route(wired, prefetch=prefetch if limit is None else limit)
+
+    async def consume_route(self, wired: Wired[M], *, prefetch: int) -> Consumer[M]:
+        """Consume the route's queue: the shared one, its bindings restored at once if one was
+        deleted, or for a per-replica queue (geo.flush: each resolver replica gets every one)
+        an exclusive queue of this process's own, bound here."""
+        spec = queue_of(wired.route)
+        if not spec.per_replica:
+            bindings = own_bindings(spec.name, spec.routing_keys)
+            await self.keeper.ensure_bindings(bindings)
+            self.keeper.own.extend(bindings)
         channel = await open_channel(self.connection, prefetch)
         self._channels.append(channel)
-        queue = await channel.get_queue(spec.name, ensure=True)
-        return await self._start(
-            queue,
-            spec.routing_keys,
-            spec.route,
-            model,
-            handler,
-            deferred_handler,
-            salvage,
-            request_handler,
-            channel,
-        )
-
-    async def consume_private(
-        self,
-        name: str,
-        routing_keys: Sequence[str],
-        model: type[M],
-        *,
-        prefetch: int,
-        handler: Handler[M],
-    ) -> Consumer[M]:
-        """Consume an exclusive queue of this process's own, so it gets a copy of every message
-        with ``routing_keys`` (e.g. each resolver replica gets every geo.flush)."""
-        channel = await open_channel(self.connection, prefetch)
-        self._channels.append(channel)
-        queue = await channel.declare_queue(name, exclusive=True, durable=False)
-        exchange = await channel.get_exchange(topology.EXCHANGE, ensure=False)
-        for key in routing_keys:
-            await queue.bind(exchange, routing_key=key)
-        self.keeper.own.extend(own_bindings(name, routing_keys))  # re-bound if deleted
-        return await self._start(queue, routing_keys, routing_keys[0], model, handler, None)
-
-    async def _start(
-        self,
-        queue: AbstractQueue,
-        routing_keys: Sequence[str],
-        route: str,
-        model: type[M],
-        handler: Handler[M] | None,
-        deferred_handler: DeferredHandler[M] | None,
-        salvage: Salvager | None = None,
-        request_handler: RequestHandler[M] | None = None,
-        reply_channel: AbstractChannel | None = None,
-    ) -> Consumer[M]:
+        if spec.per_replica:
+            name = spec.replica_name(f"{socket.gethostname()}.{os.getpid()}")
+            queue = await channel.declare_queue(name, exclusive=True, durable=False)
+            exchange = await channel.get_exchange(topology.EXCHANGE, ensure=False)
+            for key in spec.routing_keys:
+                await queue.bind(exchange, routing_key=key)
+            self.keeper.own.extend(own_bindings(name, spec.routing_keys))  # re-bound if deleted
+        else:
+            queue = await channel.get_queue(spec.name, ensure=True)
         consumer = Consumer(
             self.service,
             queue,
-            model,
-            handler,
-            deferred_handler,
+            spec,
+            wired.route,
+            wired.handler,
             self.publisher,
+            ChannelReplier(channel, self.publisher.timeout),
             self.max_bytes,
-            frozenset(routing_keys),
-            route,
-            salvage,
-            request_handler,
-            reply_channel,
         )
         await consumer.start()
         self.consumers.append(consumer)
@@ -502,18 +533,11 @@ class Amqp:
         )
 
     def register_metrics(self, registry: MetricsRegistry) -> None:
-        """Per-queue delivery counters, read from the consumers' own counts."""
-        for consumer in self.consumers:
-            for name, kind, help_, read in CONSUMER_METRICS:
-                add = registry.counter if kind == "counter" else registry.gauge
-                add(name, help_, partial(read, consumer), queue=consumer.queue.name)
+        register_consumer_metrics(registry, self.consumers)
 
     async def ack(self, tickets: Sequence[Ticket]) -> None:
         """Ack held deliveries from any of this service's consumers."""
-        for consumer in self.consumers:
-            mine = [t for t in tickets if isinstance(t, AmqpTicket) and t.consumer is consumer]
-            if mine:
-                await consumer.ack(mine)
+        await ack_tickets(self.consumers, tickets)
 
     async def try_lead(self, lock_name: str) -> bool:
         """Become, or check that we still are, the one holder of ``lock_name``: an exclusive
@@ -538,9 +562,7 @@ class Amqp:
         self.connection.reconnect_callbacks.add(lambda *_: callback())
 
     async def stop_consuming(self, drain_timeout: float) -> None:
-        deadline = time.monotonic() + drain_timeout
-        for consumer in self.consumers:
-            await consumer.stop(max(0.0, deadline - time.monotonic()))
+        await stop_consumers(self.consumers, drain_timeout)
 
     async def close(self) -> None:
         """Close everything; raise ``ServiceFault`` if the service stopped on a lost topology."""
@@ -557,3 +579,28 @@ class Amqp:
         await self.connection.close()
         if self.fault is not None:
             raise ServiceFault(self.fault)
+
+
+def register_consumer_metrics(
+    registry: MetricsRegistry, consumers: Sequence[Consumer[Any]]
+) -> None:
+    """Per-queue delivery counters, read from the consumers' own counts."""
+    for consumer in consumers:
+        for name, kind, help_, read in CONSUMER_METRICS:
+            add = registry.counter if kind == "counter" else registry.gauge
+            add(name, help_, partial(read, consumer), queue=consumer.queue.name)
+
+
+async def ack_tickets(consumers: Sequence[Consumer[Any]], tickets: Sequence[Ticket]) -> None:
+    """Ack held deliveries, each through the consumer it came from."""
+    for consumer in consumers:
+        mine = [t for t in tickets if isinstance(t, AmqpTicket) and t.consumer is consumer]
+        if mine:
+            await consumer.ack(mine)
+
+
+async def stop_consumers(consumers: Sequence[Consumer[Any]], drain_timeout: float) -> None:
+    """Stop every consumer, draining in-flight deliveries within one shared deadline."""
+    deadline = time.monotonic() + drain_timeout
+    for consumer in consumers:
+        await consumer.stop(max(0.0, deadline - time.monotonic()))
