@@ -34,6 +34,8 @@ def summary(rows: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
 async def test_mixed_burst_becomes_exact_rows_and_malformed_is_dead_lettered(
     any_store: ServiceGroup,
 ) -> None:
+    # GEO_DB_PATH's parent folder is created (on SQLite; no file at all beside GEO_DB_URL).
+    any_store.db_path = any_store.log_dir / "db" / "geo_cache.sqlite3"
     # Any start order: the timer first, then persistence; the resolver last, after publishing.
     any_store.start("timer")
     any_store.start("persistence")
