@@ -20,15 +20,13 @@ from pathlib import Path
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from bangui_geo.testing import ServiceFailed, event_time, public_ips, service_env
+from bangui_geo.testing.agent import AgentProcess
 from bench.broker import connect, declare_bare_queue
-from bench.ips import public_ipv4
 from bench.latency import percentile
 from bench.report import Figure, Target
-from bench.services import ServiceFailed, event_time
 from shared import topology
 from shared.amqp import declare_topology
-from tests.integration.agent_support import AgentProcess
-from tests.integration.support import service_env
 
 TAP = "bench.bare.agent"
 POLL_INTERVAL_S = 0.5  # the agent's default
@@ -136,7 +134,7 @@ async def run_agent_bench(bans: int, delays: int, amqp_url: str, workdir: Path) 
     )
     p99 = Figure("agent_ban_delay_p99", "7b. the same, 99th percentile", "ms")
     database = workdir / "fail2ban.sqlite3"
-    ips = public_ipv4(bans + delays, salt=7)
+    ips = public_ips(bans + delays, seed=7)
     await asyncio.to_thread(make_database, database, ips[:bans], int(time.time()) - bans)
 
     connection = await connect(amqp_url)

@@ -23,9 +23,9 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from bangui_geo.testing.broker import BrokerAdmin
 from shared import topology
 from shared.amqp import declare_topology
-from tests.broker import BrokerAdmin
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 BARE_QUEUE = "bench.bare.ip_seen"

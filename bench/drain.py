@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bangui_geo.testing import event_time, public_ips
 from bench.broker import (
     BARE_QUEUE,
     BATCHED_ACK_EVERY,
@@ -33,9 +34,9 @@ from bench.broker import (
     bare_drain,
     prefill,
 )
-from bench.ips import bulk_bodies, public_ipv4, single_bodies
+from bench.ips import bulk_bodies, single_bodies
 from bench.report import Figure, Target, fmt
-from bench.services import Services, event_time, read_status, wait_rows
+from bench.services import Services, read_status, wait_rows
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ async def run_drain(
         plan.target,
         baseline_is="bare aio-pika consumer, prefetch 1000, json.loads + ack per message",
     )
-    ips = public_ipv4(plan.ips, plan.salt)
+    ips = public_ips(plan.ips, plan.salt)
     bodies = (
         single_bodies(ips) if plan.ips_per_message == 1 else bulk_bodies(ips, plan.ips_per_message)
     )

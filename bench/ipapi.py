@@ -1,49 +1,29 @@
-"""Figure 5 (hook): how full the ip-api batches are under a burst, against the tests' stand-in.
+"""Figure 5: how full the ip-api batches are under a burst, against the ip-api stand-in.
 
 The ip-api free tier allows 15 requests of 100 IPs a minute, so every request sent with fewer than
 100 IPs wastes budget. A burst of single-IP ``ip.seen`` messages (the hard case: one lookup per
 message) is pre-filled, then the real resolver starts with ``GEO_PROVIDER=ip-api`` pointed at
-``tests/ipapi_standin.py`` with a short window (same 15 requests, 1 s instead of 60 s), and the
-stand-in's request log gives the average IPs per request. The stand-in and the provider are built
-by another branch of work: when either is missing or does not import, the figure says
-"not measured" instead of failing the run.
+``bangui_geo.testing.ipapi_standin`` (the tests' stand-in) with a short window (same 15 requests,
+1 s instead of 60 s), and the stand-in's request log gives the average IPs per request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
+from bangui_geo.testing import ServiceFailed, event_time, public_ips
+from bangui_geo.testing.ipapi_standin import IpApiStandIn, ThreadedStandIn
 from bench.broker import prefill
-from bench.ips import public_ipv4, single_bodies
+from bench.ips import single_bodies
 from bench.report import Figure, Target
-from bench.services import ServiceFailed, Services, event_time
+from bench.services import Services
 
 MAX_BATCH = 100
 REQUESTS_PER_WINDOW = 15
 WINDOW_S = 1.0
-
-
-def load_standin() -> tuple[Any, str]:
-    """The stand-in module, or None and why not."""
-    try:
-        importlib.import_module("services.resolver.providers.ipapi")
-        standin = importlib.import_module("tests.ipapi_standin")
-        for name in ("IpApiStandIn", "ThreadedStandIn"):  # the API this figure uses
-            getattr(standin, name)
-    except Exception as exc:  # any failure to import means "not available yet"
-        return None, f"{type(exc).__name__}: {exc}"
-    return standin, ""
-
-
-def not_measured(figure: Figure, why: str) -> Figure:
-    figure.note = "not measured (stand-in not available)"
-    figure.details.append(f"hook: {why}")
-    return figure
 
 
 async def run_ipapi(burst: int, amqp_url: str, workdir: Path) -> Figure:
@@ -55,18 +35,12 @@ async def run_ipapi(burst: int, amqp_url: str, workdir: Path) -> Figure:
         Target("value>=", 90),
         baseline_is=f"ideal: every request carries {MAX_BATCH} IPs",
     )
-    standin, why = load_standin()
-    if standin is None:
-        return not_measured(figure, why)
-
-    ips = public_ipv4(burst, salt=5)
+    ips = public_ips(burst, seed=5)
     await prefill(amqp_url, single_bodies(ips))
     services = Services(amqp_url, workdir / "geo_cache.sqlite3", workdir)
     deadline_s = 30 + 3 * burst / (MAX_BATCH * REQUESTS_PER_WINDOW / WINDOW_S)
-    api = standin.IpApiStandIn(
-        requests_per_window=REQUESTS_PER_WINDOW, window=WINDOW_S, integer_ttl=False
-    )
-    with standin.ThreadedStandIn(api) as server:
+    api = IpApiStandIn(requests_per_window=REQUESTS_PER_WINDOW, window=WINDOW_S, integer_ttl=False)
+    with ThreadedStandIn(api) as server:
         try:
             services.start(
                 "resolver",

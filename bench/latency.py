@@ -22,10 +22,10 @@ from pathlib import Path
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from bangui_geo.testing import ServiceFailed, public_ips
 from bench.broker import connect, declare_bare_queue
-from bench.ips import public_ipv4
 from bench.report import Figure, Target
-from bench.services import ServiceFailed, Services
+from bench.services import Services
 from shared import topology
 
 FLUSH_INTERVAL_S = 0.2
@@ -97,7 +97,7 @@ async def run_latency(messages: int, rate: float, amqp_url: str, workdir: Path) 
         workdir,
         env={"GEO_FLUSH_INTERVAL": str(FLUSH_INTERVAL_S)},
     )
-    ips = public_ipv4(messages, salt=6)
+    ips = public_ips(messages, seed=6)
     published: dict[str, float] = {}
     delivered: dict[str, float] = {}
     try:

@@ -26,11 +26,11 @@ from pathlib import Path
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from bangui_geo.testing import ServiceFailed, public_ips
 from bench.broker import connect, declare_bare_queue
-from bench.ips import public_ipv4
 from bench.latency import percentile
 from bench.report import Figure, Target
-from bench.services import ServiceFailed, Services, read_status
+from bench.services import Services, read_status
 from shared import topology
 from shared.client import GeoClient
 from shared.messages import iso_utc_from_epoch
@@ -59,7 +59,7 @@ async def _bare_round_trips(amqp_url: str, rounds: int, reply: bytes) -> list[fl
         replies: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         pseudo = await client.get_queue(topology.DIRECT_REPLY_TO, ensure=False)
         await pseudo.consume(replies.put, no_ack=True)
-        body = json.dumps({"ips": public_ipv4(REQUEST_IPS, salt=8)}).encode()
+        body = json.dumps({"ips": public_ips(REQUEST_IPS, seed=8)}).encode()
         times = []
         for i in range(rounds):
             started = time.perf_counter()
@@ -92,7 +92,7 @@ async def run_lookup(rounds: int, amqp_url: str, workdir: Path) -> list[Figure]:
         baseline_is="every request answered",
     )
     services = Services(amqp_url, workdir / "geo_cache.sqlite3", workdir)
-    ips = public_ipv4(REQUEST_IPS, salt=8)
+    ips = public_ips(REQUEST_IPS, seed=8)
     try:
         for name in ("persistence", "resolver"):
             services.start(name)
@@ -180,7 +180,7 @@ async def run_warm(rows: int, amqp_url: str, workdir: Path, port: int) -> list[F
     memory = Figure(
         "warm_resolver_rss", "9c. resolver RSS after answering them (GEO_CACHE_MAX_ENTRIES)", "MiB"
     )
-    ips = public_ipv4(rows, salt=9)
+    ips = public_ips(rows, seed=9)
     db_path = workdir / "geo_cache.sqlite3"
     await asyncio.to_thread(write_table, db_path, ips)
     services = Services(amqp_url, db_path, workdir, env={"GEO_FLUSH_INTERVAL": "1"})

@@ -7,8 +7,8 @@ import json
 import subprocess
 import sys
 
+from bangui_geo.testing import REPO_ROOT
 from bench.report import Figure, Target
-from tests.integration.support import REPO_ROOT
 
 
 def probe(kind: str, count: int) -> dict[str, int]:

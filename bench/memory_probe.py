@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from bench.ips import iter_public_ipv4, public_ipv4
+from bangui_geo.testing import iter_public_ips, public_ips
 from services.resolver.cache import GeoCache
 from services.resolver.geo import FAILED
 from services.resolver.providers.embedded import EmbeddedProvider
@@ -38,11 +38,11 @@ def vm_rss() -> int:
 async def fill_cache(count: int) -> tuple[int, int, int]:
     provider = EmbeddedProvider()
     cache = GeoCache(max_entries=max(count * 2, 500_000), negative_ttl=300.0)
-    warm = public_ipv4(CHUNK, salt=SALT + 1)  # not part of the measured IPs
+    warm = public_ips(CHUNK, seed=SALT + 1)  # not part of the measured IPs
     await provider.lookup(warm)
     del warm
     before = vm_rss()
-    ips = iter_public_ipv4(count, salt=SALT)
+    ips = iter_public_ips(count, seed=SALT)
     now = time.time()
     while True:
         chunk = [ip for _, ip in zip(range(CHUNK), ips, strict=False)]
@@ -61,7 +61,7 @@ async def fill_cache(count: int) -> tuple[int, int, int]:
 def fill_dict(count: int) -> tuple[int, int, int]:
     before = vm_rss()
     table: dict[str, None] = {}
-    for ip in iter_public_ipv4(count, salt=SALT):
+    for ip in iter_public_ips(count, seed=SALT):
         table[ip] = None
     after = vm_rss()
     return before, after, len(table)

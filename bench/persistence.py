@@ -18,8 +18,9 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from bench.ips import public_ipv4
+from bangui_geo.testing import public_ips
 from bench.report import Figure, Target
+from services.persistence.ports import GeoRepository
 from services.persistence.repository import (
     CACHE_KIB,
     SCHEMA,
@@ -39,7 +40,7 @@ _CODES = ("US", "CN", "DE", "FR", "GB", "BR", "IN", "RU", "JP", "NL")
 def make_rows(batches: int, salt: int) -> list[list[GeoRow]]:
     """Rows as persistence receives them: ``GeoRow`` tuples, distinct IPs, each flush's worth
     in IP order (the resolver sorts a flush before cutting it into messages)."""
-    ips = public_ipv4(batches * BATCH, salt)
+    ips = public_ips(batches * BATCH, salt)
     base = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
     rows = [
         GeoRow(
@@ -80,9 +81,11 @@ def bare_round(path: Path, batches: list[list[Params]]) -> float:
         db.close()
 
 
-async def project_round(path: Path, batches: list[list[GeoRow]]) -> tuple[float, int]:
-    """Seconds for ``upsert_many`` per batch, and the repository's commit count."""
-    repository = await SqliteGeoRepository.open(path)
+async def project_round(
+    repository: GeoRepository, batches: list[list[GeoRow]]
+) -> tuple[float, int]:
+    """Seconds for ``upsert_many`` per batch, and the repository's commit count, on either store
+    (the ``GeoRepository`` port); the repository is closed afterwards."""
     try:
         started = time.perf_counter()
         for rows in batches:
@@ -120,7 +123,8 @@ async def run_persistence(batches: int, rounds: int, workdir: Path) -> list[Figu
                 path = workdir / f"bare-{n}.sqlite3"
                 bare_s.append(await asyncio.to_thread(bare_round, path, params))
             else:
-                seconds, made = await project_round(workdir / f"project-{n}.sqlite3", rows)
+                repository = await SqliteGeoRepository.open(workdir / f"project-{n}.sqlite3")
+                seconds, made = await project_round(repository, rows)
                 project_s.append(seconds)
                 counted.append(made)
     total = batches * BATCH

@@ -19,16 +19,17 @@ from pathlib import Path
 
 import psycopg
 
+from bangui_geo.testing import ServiceFailed, event_time, public_ips
+from bangui_geo.testing.postgres import fresh_database, read_rows
 from bench.broker import prefill
 from bench.drain import bulk_plan, flush_triggers, rows_reached
-from bench.ips import bulk_bodies, public_ipv4
-from bench.persistence import BATCH, make_rows
+from bench.ips import bulk_bodies
+from bench.persistence import BATCH, make_rows, project_round
 from bench.report import Figure, Target
-from bench.services import ServiceFailed, Services, event_time
+from bench.services import Services
 from services.persistence.repository import ON_CONFLICT, ROW_COLUMNS
 from services.persistence.repository_pg import PostgresGeoRepository, columns, ensure_schema
 from shared.messages import GeoRow
-from tests.postgres import fresh_database, read_rows
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 ONE_ROW_UPSERT = (
@@ -66,17 +67,6 @@ async def bare_round(url: str, batches: list[list[GeoRow]], *, copy: bool) -> fl
         return time.perf_counter() - started
 
 
-async def project_round(url: str, batches: list[list[GeoRow]]) -> tuple[float, int]:
-    repository = await PostgresGeoRepository.open(url)
-    try:
-        started = time.perf_counter()
-        for rows in batches:
-            await repository.upsert_many(rows)
-        return time.perf_counter() - started, repository.commits
-    finally:
-        await repository.close()
-
-
 async def run_persistence_pg(batches: int, rounds: int) -> list[Figure]:
     rate = Figure(
         "persistence_upsert_pg",
@@ -93,7 +83,8 @@ async def run_persistence_pg(batches: int, rounds: int) -> list[Figure]:
         for side in order:
             with fresh_database(server(), prefix="geo_bench") as url:
                 if side == "project":
-                    seconds, made = await project_round(url, rows)
+                    repository = await PostgresGeoRepository.open(url)
+                    seconds, made = await project_round(repository, rows)
                     commits.append(made)
                 else:
                     seconds = await bare_round(url, rows, copy=side == "copy")
@@ -132,7 +123,7 @@ async def run_bulk_drain_pg(messages: int, amqp_url: str, workdir: Path, flush_s
         plan.unit,
         plan.target,
     )
-    ips = public_ipv4(plan.ips, plan.salt)
+    ips = public_ips(plan.ips, plan.salt)
     publish_s = await prefill(amqp_url, bulk_bodies(ips, plan.ips_per_message), bare_queues=[])
     with fresh_database(server(), prefix="geo_bench") as url:
         services = Services(

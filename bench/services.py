@@ -1,5 +1,6 @@
-"""The real services under test, started by their contract commands, and what the benchmark reads
-back from them: structlog JSON events (with their timestamps), ``geo_cache`` row counts, RSS.
+"""The real services under test, a ``ServiceGroup`` per scenario (started by their contract
+commands), and what the benchmark reads back from them: structlog JSON events (with their
+timestamps), ``geo_cache`` row counts, RSS, and py-spy flame graphs.
 
 Timing comes from the services' own log timestamps where the moment matters (``resolver_ready``,
 each ``geo_upserts_applied`` commit), so polling intervals do not blur the figures.
@@ -14,21 +15,14 @@ import sys
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from tests.integration.support import ServiceProcess, service_env
+from bangui_geo.testing import ServiceFailed, ServiceGroup, ServiceProcess
 
-POLL_S = 0.02
 ROWS_POLL_S = 0.05  # only decides when to stop: the figures use the services' log timestamps
 # No re-resolve during a measurement: its reads and retries are not what is measured.
 QUIET_RE_RESOLVE_S = "3600"
-
-
-def event_time(event: dict[str, Any]) -> float:
-    """The event's structlog ISO-8601 UTC timestamp as epoch seconds."""
-    return datetime.fromisoformat(str(event["timestamp"])).timestamp()
 
 
 def read_status(pid: int) -> dict[str, int]:
@@ -43,10 +37,6 @@ def read_status(pid: int) -> dict[str, int]:
     except OSError:
         pass
     return out
-
-
-class ServiceFailed(RuntimeError):
-    pass
 
 
 def py_spy() -> str | None:
@@ -85,79 +75,28 @@ class Profiler:
 
 
 @dataclass
-class Services:
-    """The services of one scenario: one vhost, one SQLite file, logs in ``log_dir``."""
+class Services(ServiceGroup):
+    """The services of one scenario (``ServiceGroup``), with no re-resolve during the measurement
+    unless a scenario sets its own, and with ``profile`` py-spy attached to each service started
+    (flame graphs in ``log_dir``)."""
 
-    amqp_url: str
-    db_path: Path
-    log_dir: Path
-    env: dict[str, str] = field(default_factory=dict)
-    profile: bool = False  # attach py-spy to each service started (flame graphs in log_dir)
-    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    profile: bool = False
     profilers: dict[str, Profiler] = field(default_factory=dict)
 
-    def start(self, name: str, **env: str) -> ServiceProcess:
-        overrides = {"GEO_RE_RESOLVE_INTERVAL": QUIET_RE_RESOLVE_S, **self.env, **env}
-        process = ServiceProcess(
-            name,
-            service_env(self.amqp_url, self.db_path, **overrides),
-            self.log_dir / f"{name}.log",
-        ).start()
-        self.processes[name] = process
+    def __post_init__(self) -> None:
+        self.env = {"GEO_RE_RESOLVE_INTERVAL": QUIET_RE_RESOLVE_S, **self.env}
+
+    def start(
+        self, service: str, name: str | None = None, *, amqp_url: str | None = None, **env: str
+    ) -> ServiceProcess:
+        process = super().start(service, name, amqp_url=amqp_url, **env)
         if self.profile:
             executable = py_spy()
             if executable is None:
                 raise ServiceFailed("--profile needs py-spy: pip install py-spy")
-            assert process.process is not None
-            output = self.log_dir / f"{name}.profile.svg"
-            self.profilers[name] = Profiler.attach(executable, process.process.pid, output)
+            output = self.log_dir / f"{name or service}.profile.svg"
+            self.profilers[name or service] = Profiler.attach(executable, process.pid, output)
         return process
-
-    def events(self, name: str, event: str | None = None) -> list[dict[str, Any]]:
-        found = self.processes[name].log_events()
-        return found if event is None else [e for e in found if e.get("event") == event]
-
-    def wait_event(self, name: str, event: str, *, timeout: float = 30.0) -> dict[str, Any]:
-        """The first ``event`` in ``name``'s log; fails loudly if the process dies first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.events(name, event)
-            if found:
-                return found[0]
-            if not self.processes[name].running:
-                raise ServiceFailed(f"{name} exited before {event}:\n{self.log_tail(name)}")
-            if time.monotonic() > deadline:
-                raise ServiceFailed(f"no {event} from {name} in {timeout}s:\n{self.log_tail(name)}")
-            time.sleep(POLL_S)
-
-    def log_tail(self, name: str, lines: int = 15) -> str:
-        path = self.processes[name].log_path
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def check_running(self) -> None:
-        for name, process in self.processes.items():
-            if not process.running:
-                raise ServiceFailed(f"{name} exited during the measurement:\n{self.log_tail(name)}")
-
-    def pid(self, name: str) -> int:
-        process = self.processes[name].process
-        assert process is not None
-        return process.pid
-
-    def stop_all(self) -> dict[str, int]:
-        """SIGTERM in pipeline order (resolver flushes to persistence first); exit codes."""
-        codes: dict[str, int] = {}
-        for name in ("timer", "resolver", "persistence"):
-            process = self.processes.get(name)
-            if process is not None and process.process is not None:
-                codes[name] = process.stop()
-        return codes
-
-    def kill_all(self) -> None:
-        for process in self.processes.values():
-            if process.running:
-                process.kill()
 
     def flame_graphs(self) -> dict[str, Path | None]:
         """After the services stopped: each profiled service's flame graph (None if missing)."""

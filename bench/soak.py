@@ -27,13 +27,12 @@ import aio_pika
 from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import AMQPError
 
+from bangui_geo.testing import iter_public_ips
 from bench.broker import connect
-from bench.ips import iter_public_ipv4
 from bench.report import Figure, Target
 from bench.services import Services, read_status, wait_rows
 from shared import topology
 from shared.amqp import declare_topology
-from tests.integration.support import ServiceProcess, service_env
 
 RATE = 300.0  # ip.seen messages per second
 NEW_SHARE = 1 / 3  # of the messages carry an IP not published before
@@ -83,7 +82,7 @@ class MixedIps:
     new_share: float = NEW_SHARE
     rng: random.Random = field(default_factory=lambda: random.Random(11))
     published: list[str] = field(default_factory=list)
-    _fresh: Iterator[str] = field(default_factory=lambda: iter_public_ipv4(10**9, salt=11))
+    _fresh: Iterator[str] = field(default_factory=lambda: iter_public_ips(10**9, seed=11))
 
     def next(self) -> str:
         if not self.published or self.rng.random() < self.new_share:
@@ -240,12 +239,7 @@ async def run_soak(duration: float, amqp_url: str, workdir: Path) -> list[Figure
         services.start("persistence")
         services.start("timer")
         await asyncio.to_thread(services.wait_event, "timer", "timer_leading")
-        standby = ServiceProcess(
-            "timer",
-            service_env(amqp_url, services.db_path, **services.env),
-            workdir / "standby.log",
-        ).start()
-        services.processes["standby"] = standby
+        standby = services.start("timer", "standby")
         await asyncio.to_thread(services.wait_event, "standby", "timer_standby_waiting")
         services.start("resolver")
         for name, event in (("persistence", "persistence_ready"), ("resolver", "resolver_ready")):

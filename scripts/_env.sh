@@ -62,15 +62,20 @@ ensure_rabbitmq_management() {
   return 0
 }
 
+# apt-get install PACKAGE [WHY] where this runs as root on a machine with apt-get: returns 1
+# without trying otherwise (the caller says what is missing), and shows apt's log if it fails.
+apt_install_as_root() {
+  local package="$1" why="${2:+, $2}"
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || return 1
+  echo "==> installing $package (apt-get$why)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package"; } \
+    >/tmp/bangui-geo-apt.log 2>&1 || { cat /tmp/bangui-geo-apt.log >&2; return 1; }
+}
+
 # The fail2ban end-to-end test runs a real fail2ban-server (Debian package fail2ban).
 ensure_fail2ban() {
   command -v fail2ban-server >/dev/null 2>&1 && return 0
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "==> installing fail2ban (apt-get)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fail2ban; } \
-      >/tmp/bangui-geo-apt.log 2>&1 || { cat /tmp/bangui-geo-apt.log >&2; return 1; }
-    return 0
-  fi
+  apt_install_as_root fail2ban && return 0
   echo "fail2ban-server is missing: install the fail2ban package (apt-get install -y fail2ban)" >&2
   return 1
 }
@@ -78,12 +83,7 @@ ensure_fail2ban() {
 # systemd-analyze checks the agent's unit (tests/unit/test_agent_deploy.py); no systemd needs to run.
 ensure_systemd_analyze() {
   command -v systemd-analyze >/dev/null 2>&1 && return 0
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "==> installing systemd (apt-get, for systemd-analyze)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; } \
-      >/tmp/bangui-geo-apt.log 2>&1 || { cat /tmp/bangui-geo-apt.log >&2; return 1; }
-    return 0
-  fi
+  apt_install_as_root systemd "for systemd-analyze" && return 0
   echo "systemd-analyze is missing: install the systemd package (apt-get install -y systemd)" >&2
   return 1
 }
@@ -93,13 +93,10 @@ ensure_systemd_analyze() {
 ensure_postgres() {
   port_open 127.0.0.1 5432 && return 0
   if ! command -v pg_ctlcluster >/dev/null 2>&1; then
-    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    apt_install_as_root postgresql || {
       echo "PostgreSQL is not running on 127.0.0.1:5432 and is not installed" >&2
       return 1
-    fi
-    echo "==> installing PostgreSQL (apt-get)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } \
-      >/tmp/bangui-geo-apt.log 2>&1 || { cat /tmp/bangui-geo-apt.log >&2; return 1; }
+    }
     local hba
     hba="$(ls /etc/postgresql/*/main/pg_hba.conf | tail -1)"
     sed -i '1i host all all 127.0.0.1/32 trust' "$hba"

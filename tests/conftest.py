@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import BrokerAdmin, BrokerUnavailable, start_broker
+from bangui_geo.testing.broker import BrokerAdmin, BrokerUnavailable, start_broker
 
 CONTAINER_TESTS = Path(__file__).parent / "container"
 

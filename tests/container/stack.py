@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import socket
 import subprocess
@@ -15,6 +14,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bangui_geo.testing import public_ips as generated_public_ips
 
 REPO = Path(__file__).resolve().parents[2]
 PUBLISHER_PASSWORD = "dev-only-bangui-publisher"
@@ -37,15 +38,9 @@ def free_ports(count: int) -> list[int]:
 
 
 def public_ips(count: int, seed: int) -> list[str]:
-    """Distinct global unicast IPv4 addresses (the embedded provider resolves most of them)."""
-    rng = random.Random(seed)
-    found: set[str] = set()
-    while len(found) < count:
-        first = rng.randint(1, 223)
-        if first in (10, 100, 127, 169, 172, 192, 198, 203):
-            continue
-        found.add(f"{first}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}")
-    return sorted(found)
+    """Distinct global unicast IPv4 addresses (the embedded provider resolves most of them), in
+    order: ``bangui_geo.testing.public_ips``, the one generator."""
+    return sorted(generated_public_ips(count, seed))
 
 
 @dataclass

@@ -25,7 +25,7 @@ from tests.container.stack import (
     public_ips,
     wait_for,
 )
-from tests.integration.test_least_privilege import consuming, outcome, publishing
+from tests.integration.deployment import consuming, outcome, publishing
 
 DEFINITIONS = json.loads((REPO / "deploy" / "rabbitmq" / "definitions.json").read_text())
 IPS = 5_000

@@ -1,23 +1,24 @@
-"""What the agent tests need around the agent: a real ``fail2ban-server`` writing its own
-database (bans added with ``fail2ban-client set JAIL banip``, many IPs per call), a TCP proxy
-whose path to the broker can be cut, and the agent run by its start command."""
+"""What the fail2ban and agent tests need around the services: a real ``fail2ban-server`` with a
+config of the test's own (bans from failed logins in its log, or added with ``fail2ban-client set
+JAIL banip``, many IPs per call), and a TCP proxy whose path to the broker can be cut."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import shutil
 import signal
 import subprocess
-import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.integration.support import REPO_ROOT, ServiceProcess, poll
+from bangui_geo.testing import poll
 
 SYSTEM_FILTERS = Path("/etc/fail2ban/filter.d")
 
@@ -30,29 +31,45 @@ def _tool(name: str) -> str:
 
 
 class Fail2banServer:
-    """fail2ban in the foreground with a config folder of the test's own: one sshd jail on an
-    empty log, no actions, ``dbfile`` in ``folder`` (the file the agent follows)."""
+    """fail2ban in the foreground with a config folder of the test's own: one polling sshd jail
+    on the empty log ``auth_log``. By default no actions and ``dbfile`` in ``folder`` (the file
+    the agent follows); ``database=False`` keeps its database in memory, ``jail`` replaces the
+    jail's ban options (e.g. an ``action = …`` line) and ``actions`` are copied into
+    ``action.d``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        database: bool = True,
+        jail: str = "bantime = 1h\n",
+        actions: Sequence[Path] = (),
+    ) -> None:
         self.folder = folder
         self.config = folder / "conf"
         self.run = folder / "run"
         self.database = folder / "fail2ban.sqlite3"
         self.socket = self.run / "fail2ban.sock"
         self.log = self.run / "fail2ban.log"
+        self.auth_log = folder / "auth.log"
         self.process: subprocess.Popen[bytes] | None = None
+        # sshd's filter ties lines of one sshd pid together (one connection): a pid per line.
+        self._pids = itertools.count(31600)
         (self.config / "filter.d").mkdir(parents=True)
+        (self.config / "action.d").mkdir()
         self.run.mkdir()
         for name in ("sshd.conf", "common.conf"):
             shutil.copy(SYSTEM_FILTERS / name, self.config / "filter.d" / name)
-        (folder / "auth.log").touch()
+        for action in actions:
+            shutil.copy(action, self.config / "action.d" / action.name)
+        self.auth_log.touch()
         (self.config / "fail2ban.conf").write_text(
             "[Definition]\n"
             "loglevel = INFO\n"
             f"logtarget = {self.log}\n"
             f"socket = {self.socket}\n"
             f"pidfile = {self.run / 'fail2ban.pid'}\n"
-            f"dbfile = {self.database}\n"
+            f"dbfile = {self.database if database else ':memory:'}\n"
             "dbpurgeage = 1d\n"
         )
         (self.config / "jail.conf").write_text(
@@ -61,10 +78,22 @@ class Fail2banServer:
             "[sshd]\n"
             "enabled = true\n"
             "backend = polling\n"
-            f"logpath = {folder / 'auth.log'}\n"
-            "filter = sshd\n"
-            "bantime = 1h\n"
+            f"logpath = {self.auth_log}\n"
+            "filter = sshd\n" + jail
         )
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def failed_logins(self, ip: str, count: int) -> None:
+        """``count`` lines as sshd writes them, stamped now (findtime must cover them)."""
+        stamp = time.strftime("%b %d %H:%M:%S")
+        with self.auth_log.open("a") as log:
+            for n in range(count):
+                log.write(
+                    f"{stamp} belka sshd[{next(self._pids)}]: Failed password for invalid user "
+                    f"ROOT from {ip} port {50273 + n} ssh2\n"
+                )
 
     def start(self) -> None:
         started = (
@@ -181,37 +210,3 @@ class TcpProxy:
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()
-
-
-class AgentProcess(ServiceProcess):
-    """``bangui-geo agent`` (as ``python -m services.cli agent``) with the given flags."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, flags: Sequence[str]) -> None:
-        super().__init__("agent", env, log_path)
-        self.flags = list(flags)
-
-    def start(self) -> AgentProcess:
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "agent", *self.flags],
-            cwd=REPO_ROOT,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-
-def run_agent_once(
-    env: dict[str, str], flags: Sequence[str], timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    """The agent run to its exit (for the start checks that end it at once)."""
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", "agent", *flags],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )

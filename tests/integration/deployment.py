@@ -24,8 +24,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import ChannelAccessRefused
 
-from tests.broker import BrokerAdmin
-from tests.integration.support import REPO_ROOT
+from bangui_geo.testing import REPO_ROOT
+from bangui_geo.testing.broker import BrokerAdmin
 
 DEFINITIONS = REPO_ROOT / "deploy" / "rabbitmq" / "definitions.json"
 SERVICES = {"resolver": "geo-resolver", "timer": "geo-timer", "persistence": "geo-persistence"}

@@ -9,39 +9,30 @@ import json
 import sqlite3
 import time
 import urllib.error
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
 
-from shared.amqp import declare_topology
-from tests.integration.agent_support import (
-    AgentProcess,
-    Fail2banServer,
-    TcpProxy,
-    run_agent_once,
-)
-from tests.integration.support import (
-    ServiceProcess,
+from bangui_geo.testing import (
+    ServiceGroup,
     async_poll,
     events,
-    read_rows,
+    public_ips,
     service_env,
     wait_for_topology,
 )
-from tests.integration.test_observability import free_port, get, metric
+from bangui_geo.testing.agent import AgentProcess
+from bangui_geo.testing.http import free_port, get, metric
+from shared.amqp import declare_topology
+from tests.integration.agent_support import Fail2banServer, TcpProxy
 
 pytestmark = pytest.mark.integration
 
 BANS = 2000
 OUTAGE_S = 30.0
-
-
-def public_ips(count: int, second_octet: int = 0) -> list[str]:
-    """Distinct addresses of 41.0.0.0/8 (AFRINIC, all global)."""
-    return [f"41.{second_octet + n // 62500}.{n // 250 % 250}.{n % 250 + 1}" for n in range(count)]
 
 
 def health(port: int) -> int:
@@ -54,21 +45,6 @@ def health(port: int) -> int:
 
 def agent_env(amqp_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
     return service_env(amqp_url, tmp_path / "unused.sqlite3", **extra)
-
-
-@pytest.fixture
-def services(amqp_url: str, tmp_path: Path) -> Iterator[Path]:
-    db_path = tmp_path / "geo_cache.sqlite3"
-    processes = [
-        ServiceProcess(name, service_env(amqp_url, db_path), tmp_path / f"{name}.log").start()
-        for name in ("resolver", "timer", "persistence")
-    ]
-    try:
-        yield db_path
-    finally:
-        for process in processes:
-            if process.running:
-                process.stop()
 
 
 @pytest.fixture
@@ -92,9 +68,14 @@ async def proxy(amqp_url: str) -> AsyncIterator[TcpProxy]:
 
 
 async def test_every_ban_reaches_geo_cache_through_an_outage_and_a_sigkill(
-    services: Path, fail2ban: Fail2banServer, proxy: TcpProxy, amqp_url: str, tmp_path: Path
+    service_group: ServiceGroup,
+    fail2ban: Fail2banServer,
+    proxy: TcpProxy,
+    amqp_url: str,
+    tmp_path: Path,
 ) -> None:
-    ips = public_ips(BANS)
+    await service_group.start_pipeline()
+    ips = public_ips(BANS, seed=41)
     await wait_for_topology(amqp_url)
     await asyncio.to_thread(fail2ban.start)
     port = free_port()
@@ -106,7 +87,7 @@ async def test_every_ban_reaches_geo_cache_through_an_outage_and_a_sigkill(
     agents = [AgentProcess(env, tmp_path / "agent.0.log", flags).start()]
 
     def cached(wanted: list[str]) -> int:
-        return len(set(wanted) & read_rows(services).keys())
+        return len(set(wanted) & service_group.rows().keys())
 
     try:
         await async_poll(  # connected before it has anything to send
@@ -147,7 +128,7 @@ async def test_every_ban_reaches_geo_cache_through_an_outage_and_a_sigkill(
             if agent.running:  # in a thread: the proxy runs on this loop
                 await asyncio.to_thread(agent.stop)
 
-    assert not set(ips) - read_rows(services).keys()  # 0 lost
+    assert not set(ips) - service_group.rows().keys()  # 0 lost
     with sqlite3.connect(fail2ban.database) as db:
         assert db.execute("SELECT COUNT(DISTINCT ip) FROM bans").fetchone()[0] == BANS
     # the second agent resumed from the saved position: it sent the 1,500 after the first 500
@@ -211,12 +192,12 @@ async def test_the_agent_follows_unbans_purges_restarts_and_a_replaced_file(
         return runs[-1]
 
     before, unbanned, reused, purged, restarted, replaced = (
-        public_ips(3, 10),
+        public_ips(3, seed=10),
         "41.20.0.1",
-        public_ips(1, 30),
-        public_ips(2, 40),
-        public_ips(1, 50),
-        public_ips(2, 60),
+        public_ips(1, seed=30),
+        public_ips(2, seed=40),
+        public_ips(1, seed=50),
+        public_ips(2, seed=60),
     )
     await asyncio.to_thread(fail2ban.start)
     try:
@@ -262,49 +243,3 @@ async def test_the_agent_follows_unbans_purges_restarts_and_a_replaced_file(
     bodies = tap.bodies
     assert {(b["source"], b["jail"]) for b in bodies} == {("fail2ban", "sshd")}
     assert all(str(b["seen_at"]).endswith("Z") for b in bodies)
-
-
-def test_an_unreadable_state_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    state = tmp_path / "state.json"
-    state.mkdir()
-    done = run_agent_once(
-        agent_env("amqp://guest:guest@127.0.0.1:1/", tmp_path),
-        ["--fail2ban-db", str(tmp_path / "none.sqlite3"), "--state", str(state)],
-    )
-    assert (done.returncode, done.stderr) == (
-        2,
-        f"bangui-geo: cannot read state file {state}: Is a directory\n",
-    )
-
-
-def write_sqlite(path: Path, statement: str) -> None:
-    with sqlite3.connect(path) as db:
-        db.execute(statement)
-
-
-@pytest.mark.parametrize(
-    ("make", "expected"),
-    [
-        (
-            lambda p: p.write_text("[Definition]\nlogtarget = /var/log/fail2ban.log\n"),
-            "{db} is not a fail2ban database (not SQLite: file is not a database)",
-        ),
-        (
-            lambda p: write_sqlite(p, "CREATE TABLE geo_cache(ip TEXT)"),
-            "{db} is not a fail2ban database (no bans or fail2banDb table)",
-        ),
-        (lambda p: p.mkdir(), "cannot read {db}: it is a directory, not a database file"),
-    ],
-    ids=["text-file", "other-sqlite", "directory"],
-)
-def test_a_bad_database_is_one_line_and_exit_2(
-    make: Callable[[Path], None], expected: str, tmp_path: Path
-) -> None:
-    database = tmp_path / "fail2ban.sqlite3"
-    make(database)
-    done = run_agent_once(
-        agent_env("amqp://guest:guest@127.0.0.1:1/", tmp_path),
-        ["--fail2ban-db", str(database), "--state", str(tmp_path / "state.json")],
-    )
-    assert (done.returncode, done.stderr) == (2, f"bangui-geo: {expected.format(db=database)}\n")
-    assert not (tmp_path / "state.json").exists()

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.broker import BrokerAdmin
-from tests.integration.support import REPO_ROOT
+from bangui_geo.testing.broker import BrokerAdmin
+from tests.integration.bench_run import LABELS, run_bench
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +39,6 @@ FIGURES = (
     "warm_all_known",
     "warm_resolver_rss",
 )
-LABELS = r"(PASS|MISS|INFO|not measured \(stand-in not available\))"
 
 
 def test_quick_benchmark_prints_every_figure(broker_admin: BrokerAdmin, tmp_path: Path) -> None:
@@ -77,25 +74,6 @@ def test_profile_writes_a_flame_graph_per_service(
         text = graph.read_text()
         assert "<svg" in text
         assert f"services/{service}/" in text  # samples of the service's own code
-
-
-def run_bench(admin: BrokerAdmin, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m bench ARGS`` against the test broker, as a user runs it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GEO_")}
-    env.update(
-        GEO_BENCH_AMQP_URL=admin.amqp_url,
-        GEO_BENCH_MANAGEMENT_URL=admin.management_url,
-        PYTHONUNBUFFERED="1",
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "bench", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def _vhosts_with_prefix(admin: BrokerAdmin, prefix: str) -> list[str]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import BrokerAdmin
-from tests.integration.test_bench_quick import LABELS, run_bench
+from bangui_geo.testing.broker import BrokerAdmin
+from tests.integration.bench_run import LABELS, run_bench
 
 pytestmark = pytest.mark.integration
 

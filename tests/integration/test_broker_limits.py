@@ -20,11 +20,11 @@ import aio_pika
 import pytest
 from aiormq.exceptions import ChannelPreconditionFailed
 
+from bangui_geo.testing import REPO_ROOT
 from shared import topology
 from shared.amqp import declare_topology
 from shared.settings import Settings
 from tests.integration.rabbit_nodes import Node, prepare_home
-from tests.integration.support import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 

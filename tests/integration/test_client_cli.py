@@ -19,20 +19,18 @@ from typing import Any
 import aio_pika
 import pytest
 
-from shared import amqp, topology
-from shared.client import BrokerUnreachable, GeoPublisher, PublishFailed
-from tests.integration.support import (
+from bangui_geo.testing import (
     REPO_ROOT,
-    ServiceProcess,
+    ServiceGroup,
     async_poll,
     drain_queue,
     publish,
     read_rows,
     ready_count,
-    service_env,
-    wait_for_topology,
 )
-from tests.ipapi_standin import public_ips
+from bangui_geo.testing.ips import known_public_ips
+from shared import amqp, topology
+from shared.client import BrokerUnreachable, GeoPublisher, PublishFailed
 
 pytestmark = pytest.mark.integration
 
@@ -49,59 +47,23 @@ def readme_example() -> str:
     return match.group(1)
 
 
-class Services:
-    def __init__(self, amqp_url: str, tmp_path: Path) -> None:
-        self.amqp_url = amqp_url
-        self.db_path = tmp_path / "geo_cache.sqlite3"
-        self.env = service_env(amqp_url, self.db_path)
-        self.processes = [
-            ServiceProcess(name, self.env, tmp_path / f"{name}.log")
-            for name in ("resolver", "timer", "persistence")
-        ]
-
-    def rows(self) -> dict[str, tuple[Any, ...]]:
-        return read_rows(self.db_path)
-
-    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "services.cli", *args],
-            env=self.env,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
-
-@pytest.fixture
-async def services(amqp_url: str, tmp_path: Path) -> AsyncIterator[Services]:
-    running = Services(amqp_url, tmp_path)
-    for process in running.processes:
-        process.start()
-    try:
-        await wait_for_topology(amqp_url)
-        yield running
-    finally:
-        for process in running.processes:
-            if process.running:
-                process.stop()
-
-
-async def rows_for(services: Services, ips: set[str], what: str) -> dict[str, tuple[Any, ...]]:
+async def rows_for(group: ServiceGroup, ips: set[str], what: str) -> dict[str, tuple[Any, ...]]:
     def present() -> dict[str, tuple[Any, ...]] | None:
-        rows = services.rows()
+        rows = group.rows()
         return rows if ips <= rows.keys() else None
 
     found: dict[str, tuple[Any, ...]] = await async_poll(present, deadline_s=20, what=what)
     return found
 
 
-async def test_readme_client_example_runs_as_written(services: Services, tmp_path: Path) -> None:
+async def test_readme_client_example_runs_as_written(
+    service_group: ServiceGroup, tmp_path: Path
+) -> None:
+    await service_group.start_pipeline()
     script = tmp_path / "example.py"
     script.write_text(readme_example())
     env = {k: v for k, v in os.environ.items() if not k.startswith("GEO_")}
-    env["GEO_AMQP_URL"] = services.amqp_url
+    env["GEO_AMQP_URL"] = service_group.amqp_url
     done = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, str(script)],
@@ -113,7 +75,7 @@ async def test_readme_client_example_runs_as_written(services: Services, tmp_pat
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    rows = await rows_for(services, {"203.0.113.7", "198.51.100.1", "2001:db8::1"}, "example")
+    rows = await rows_for(service_group, {"203.0.113.7", "198.51.100.1", "2001:db8::1"}, "example")
     assert {rows[ip][5] for ip in ("203.0.113.7", "198.51.100.1", "2001:db8::1")} == {"not_global"}
 
 
@@ -162,7 +124,8 @@ async def test_client_says_what_is_missing_on_the_broker(amqp_url: str) -> None:
         await connection.close()
 
 
-async def test_cli_publish_then_stats_lookup(services: Services, tmp_path: Path) -> None:
+async def test_cli_publish_then_stats_lookup(service_group: ServiceGroup, tmp_path: Path) -> None:
+    await service_group.start_pipeline()
     ips = [f"{a}.{b}.7.9" for a in (8, 31, 41, 81, 151, 200) for b in range(0, 250)]
     ban_log = tmp_path / "fail2ban.log"
     ban_log.write_text(
@@ -171,18 +134,18 @@ async def test_cli_publish_then_stats_lookup(services: Services, tmp_path: Path)
         "2026-11-22 12:01:10,377 fail2ban.actions        [812]: NOTICE  [nginx] Ban 2a00:1450::5\n"
     )
     done = await asyncio.to_thread(
-        services.cli, "publish", "--source", "import", "-", stdin="\n".join(ips) + "\n"
+        service_group.cli, "publish", "--source", "import", "-", stdin="\n".join(ips) + "\n"
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "published 1,500 IPs as ip.seen\n"
     assert "100% 1,500/1,500 IPs" in done.stderr  # the progress bar, above 1,000 IPs
-    done = await asyncio.to_thread(services.cli, "publish", "--fail2ban-log", str(ban_log))
+    done = await asyncio.to_thread(service_group.cli, "publish", "--fail2ban-log", str(ban_log))
     assert done.returncode == 0, done.stderr
     assert done.stdout == "published 2 IPs as ip.seen (jail nginx, sshd)\n"
     assert "%" not in done.stderr
 
     expected = {*ips, "1.0.0.1", "2a00:1450::5"}
-    rows = await rows_for(services, expected, "published rows")
+    rows = await rows_for(service_group, expected, "published rows")
     assert "1.0.0.2" not in rows  # an Unban line is not a ban
 
     # The by-country table the README demo ends with, checked against the file itself.
@@ -190,14 +153,14 @@ async def test_cli_publish_then_stats_lookup(services: Services, tmp_path: Path)
     done = await asyncio.to_thread(
         subprocess.run,
         [str(console_script), "stats", "--all"],
-        env=services.env,
+        env=service_group.env_for(),
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    with sqlite3.connect(services.db_path) as db:
+    with sqlite3.connect(service_group.db_path) as db:
         by_country = db.execute(
             "SELECT country_code, COUNT(*) FROM geo_cache WHERE country_code IS NOT NULL"
             " GROUP BY country_code"
@@ -218,7 +181,7 @@ async def test_cli_publish_then_stats_lookup(services: Services, tmp_path: Path)
     assert f"unresolved: {unresolved:,}" in done.stdout
     assert re.search(r"^newest row: \S+Z \(\d+ s ago\)$", done.stdout, re.MULTILINE)
 
-    done = await asyncio.to_thread(services.cli, "lookup", "8.0.7.9", "192.0.2.200")
+    done = await asyncio.to_thread(service_group.cli, "lookup", "8.0.7.9", "192.0.2.200")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     code, name = rows["8.0.7.9"][0], rows["8.0.7.9"][1]
@@ -254,8 +217,9 @@ async def dead_letter_directly(
         await connection.close()
 
 
-async def test_dead_letters_list_and_replay(services: Services) -> None:
-    url = services.amqp_url
+async def test_dead_letters_list_and_replay(service_group: ServiceGroup) -> None:
+    await service_group.start_pipeline()
+    url = service_group.amqp_url
     await publish(url, "ip.seen", [{"ip": "nope"}])
     await async_poll(
         lambda: ready_count(url, "geo.dead_letter"), deadline_s=10, what="malformed dead-lettered"
@@ -263,7 +227,7 @@ async def test_dead_letters_list_and_replay(services: Services) -> None:
     await dead_letter_directly(url, {"ips": ["9.9.9.9"]}, "ip.seen")
     assert await ready_count(url, "geo.dead_letter") == 2
 
-    done = await asyncio.to_thread(services.cli, "dead-letters", "list")
+    done = await asyncio.to_thread(service_group.cli, "dead-letters", "list")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "geo.dead_letter: 2 messages"
@@ -273,15 +237,15 @@ async def test_dead_letters_list_and_replay(services: Services) -> None:
     assert lines[5] == "    reason: handler failed on redelivery: RuntimeError()"
     assert await ready_count(url, "geo.dead_letter") == 2  # listing loses nothing
 
-    done = await asyncio.to_thread(services.cli, "dead-letters", "replay", "--dry-run")
+    done = await asyncio.to_thread(service_group.cli, "dead-letters", "replay", "--dry-run")
     assert done.returncode == 0, done.stderr
     assert "#2  would replay to ip.seen" in done.stdout
     assert await ready_count(url, "geo.dead_letter") == 2
 
-    done = await asyncio.to_thread(services.cli, "dead-letters", "replay")
+    done = await asyncio.to_thread(service_group.cli, "dead-letters", "replay")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "replayed 2 of 2; 0 kept; 0 left in geo.dead_letter"
-    rows = await rows_for(services, {"9.9.9.9"}, "the replayed dead letter's row")
+    rows = await rows_for(service_group, {"9.9.9.9"}, "the replayed dead letter's row")
     assert rows["9.9.9.9"][5] == "resolved"
     # The malformed one is rejected again and is back, alone, with its reason.
     await async_poll(
@@ -291,30 +255,33 @@ async def test_dead_letters_list_and_replay(services: Services) -> None:
     assert [json.loads(m.body) for m in back] == [{"ip": "nope"}]
 
 
-async def test_backup_during_a_stream_is_consistent(services: Services, tmp_path: Path) -> None:
+async def test_backup_during_a_stream_is_consistent(
+    service_group: ServiceGroup, tmp_path: Path
+) -> None:
     """Backups taken while persistence commits: each copy passes integrity_check, holds a
     snapshot (never fewer rows than the copy before it, every row as the final table has it)."""
-    ips = public_ips(30_000, seed=23)
+    await service_group.start_pipeline()
+    ips = known_public_ips(30_000, seed=23)
     bodies = [{"ips": ips[i : i + 250]} for i in range(0, len(ips), 250)]
 
     async def stream() -> None:
         for start in range(0, len(bodies), 4):
-            await publish(services.amqp_url, "ip.seen", bodies[start : start + 4])
+            await publish(service_group.amqp_url, "ip.seen", bodies[start : start + 4])
             await asyncio.sleep(0.05)
 
-    await async_poll(services.db_path.exists, deadline_s=20, what="the database file")
+    await async_poll(service_group.db_path.exists, deadline_s=20, what="the database file")
     publishing = asyncio.create_task(stream())
     copies: list[dict[str, tuple[Any, ...]]] = []
     while not publishing.done() or len(copies) < 2:
         target = tmp_path / f"backup-{len(copies)}.sqlite3"
-        done = await asyncio.to_thread(services.cli, "backup", str(target))
+        done = await asyncio.to_thread(service_group.cli, "backup", str(target))
         assert done.returncode == 0, done.stderr
         with sqlite3.connect(target) as copy:
             assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         copies.append(read_rows(target))
         assert done.stdout.startswith(f"backed up {len(copies[-1]):,} rows of ")
     await publishing
-    final = await rows_for(services, set(ips), "every streamed IP")
+    final = await rows_for(service_group, set(ips), "every streamed IP")
     assert len(copies) >= 2
     sizes = [len(copy) for copy in copies]
     assert sizes == sorted(sizes)
@@ -323,8 +290,9 @@ async def test_backup_during_a_stream_is_consistent(services: Services, tmp_path
         assert all(final[ip] == values for ip, values in copy.items())
 
 
-async def test_dead_letters_purge_by_age_and_reason(services: Services) -> None:
-    url = services.amqp_url
+async def test_dead_letters_purge_by_age_and_reason(service_group: ServiceGroup) -> None:
+    await service_group.start_pipeline()
+    url = service_group.amqp_url
     await publish(url, "ip.seen", [{"ip": "nope"}, {"ips": ["8.8.8.8", "256.0.0.1"]}])
     for n in range(5):  # handler failures, dead-lettered two days ago
         await dead_letter_directly(
@@ -338,13 +306,13 @@ async def test_dead_letters_purge_by_age_and_reason(services: Services) -> None:
 
     # A dry run with --limit 2 counts the queue, not the page.
     done = await asyncio.to_thread(
-        services.cli, "dead-letters", "replay", "--dry-run", "--limit", "2"
+        service_group.cli, "dead-letters", "replay", "--dry-run", "--limit", "2"
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1].endswith("; 7 left in geo.dead_letter")
 
     # Without --yes and without a terminal to ask on: refused, nothing removed.
-    done = await asyncio.to_thread(services.cli, "dead-letters", "purge", "--older-than", "1d")
+    done = await asyncio.to_thread(service_group.cli, "dead-letters", "purge", "--older-than", "1d")
     assert done.returncode == 2
     assert done.stderr == (
         "bangui-geo: purge 5 of the 7 dead letters in geo.dead_letter (older than 1d)"
@@ -353,18 +321,18 @@ async def test_dead_letters_purge_by_age_and_reason(services: Services) -> None:
     assert await ready_count(url, "geo.dead_letter") == 7
 
     done = await asyncio.to_thread(
-        services.cli, "dead-letters", "purge", "--reason", "not an ipv4", "--yes"
+        service_group.cli, "dead-letters", "purge", "--reason", "not an ipv4", "--yes"
     )
     assert (done.returncode, done.stdout) == (
         0,
         "purged 2 dead letters; 5 left in geo.dead_letter\n",
     )
     done = await asyncio.to_thread(
-        services.cli, "dead-letters", "purge", "--older-than", "3d", "--yes"
+        service_group.cli, "dead-letters", "purge", "--older-than", "3d", "--yes"
     )
     assert done.stdout == "purged 0 dead letters; 5 left in geo.dead_letter\n"
     done = await asyncio.to_thread(
-        services.cli,
+        service_group.cli,
         "dead-letters",
         "purge",
         "--older-than",
@@ -375,6 +343,6 @@ async def test_dead_letters_purge_by_age_and_reason(services: Services) -> None:
     )
     assert done.stdout == "purged 5 dead letters; 0 left in geo.dead_letter\n"
     assert await ready_count(url, "geo.dead_letter") == 0
-    done = await asyncio.to_thread(services.cli, "dead-letters", "purge", "--older-than", "x")
+    done = await asyncio.to_thread(service_group.cli, "dead-letters", "purge", "--older-than", "x")
     assert done.returncode == 2
     assert "is not an age like 30m, 12h or 7d" in done.stderr

@@ -20,22 +20,21 @@ from typing import Any
 
 import pytest
 
-from shared.amqp import BrokerUnreachable, connect_once
-from tests.integration.rabbit_nodes import Node, prepare_home
-from tests.integration.support import (
+from bangui_geo.testing import (
     DURABLE_QUEUES,
-    ServiceProcess,
+    ServiceGroup,
     async_poll,
     drain_queue,
     events,
+    public_ips,
     publish,
     read_rows,
-    service_env,
     wait_for_topology,
 )
-from tests.integration.test_faults import distinct_public_ips
-from tests.integration.test_pipeline import expected_row
-from tests.integration.test_scale_out import logged
+from bangui_geo.testing.expected import expected_row
+from bangui_geo.testing.services import logged
+from shared.amqp import BrokerUnreachable, connect_once
+from tests.integration.rabbit_nodes import Node, prepare_home
 
 pytestmark = pytest.mark.integration
 
@@ -95,96 +94,92 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 async def test_stopping_the_node_the_services_use_loses_nothing(
-    cluster: LocalCluster, tmp_path: Path
+    cluster: LocalCluster, service_group: ServiceGroup
 ) -> None:
     started = time.monotonic()
     a, b, c = cluster.nodes
-    urls = ",".join(node.url for node in cluster.nodes)  # the same list for every service
-    db_path = tmp_path / "geo_cache.sqlite3"
-    env = service_env(urls, db_path, GEO_QUEUE_TYPE="quorum", GEO_FLUSH_INTERVAL="0.5")
-    envs = {"timer": {**env, "GEO_LOG_LEVEL": "debug"}}  # each tick is logged at debug
+    # The same list of URLs for every service.
+    service_group.amqp_url = ",".join(node.url for node in cluster.nodes)
+    service_group.env.update(GEO_QUEUE_TYPE="quorum", GEO_FLUSH_INTERVAL="0.5")
+    db_path = service_group.db_path
+    envs = {"timer": {"GEO_LOG_LEVEL": "debug"}}  # each tick is logged at debug
     services = {
-        name: ServiceProcess(name, envs.get(name, env), tmp_path / f"{name}.log").start()
+        name: service_group.start(name, **envs.get(name, {}))
         for name in ("persistence", "resolver", "timer")
     }
-    try:
-        await wait_for_topology(b.url)
-        await logged(services["persistence"], "persistence_ready", "persistence ready", 20)
-        await logged(services["resolver"], "resolver_ready", "resolver ready", 20)
-        await logged(services["timer"], "timer_leading", "timer leading", 20)
-        queues = await asyncio.to_thread(cluster.queues, via=b)
-        for name in DURABLE_QUEUES:
-            assert queues[name]["type"] == "quorum", name
-            assert sorted(queues[name]["members"]) == sorted(n.nodename for n in cluster.nodes)
-        resolver = services["resolver"]
-        (connected,) = events(resolver, "amqp_connected")
-        doomed = cluster.node_at(connected["broker"])
-        assert doomed is a, "the list is tried in order: the first node answers"
+    await wait_for_topology(b.url)
+    await logged(services["persistence"], "persistence_ready", "persistence ready", 20)
+    await logged(services["resolver"], "resolver_ready", "resolver ready", 20)
+    await logged(services["timer"], "timer_leading", "timer leading", 20)
+    queues = await asyncio.to_thread(cluster.queues, via=b)
+    for name in DURABLE_QUEUES:
+        assert queues[name]["type"] == "quorum", name
+        assert sorted(queues[name]["members"]) == sorted(n.nodename for n in cluster.nodes)
+    resolver = services["resolver"]
+    (connected,) = events(resolver, "amqp_connected")
+    doomed = cluster.node_at(connected["broker"])
+    assert doomed is a, "the list is tried in order: the first node answers"
 
-        ips = distinct_public_ips(10_000)
-        first, second = ips[:7_000], ips[7_000:]
-        bodies: list[Any] = [{"ip": ip} for ip in first[:5_000]]
-        bodies += [{"ips": first[i : i + 500]} for i in range(5_000, len(first), 500)]
-        publisher = asyncio.create_task(paced_publish(c.url, bodies))
-        await async_poll(
-            lambda: len(read_rows(db_path)) >= 1_000, deadline_s=20, what="first rows written"
+    ips = public_ips(10_000, seed=7)
+    first, second = ips[:7_000], ips[7_000:]
+    bodies: list[Any] = [{"ip": ip} for ip in first[:5_000]]
+    bodies += [{"ips": first[i : i + 500]} for i in range(5_000, len(first), 500)]
+    publisher = asyncio.create_task(paced_publish(c.url, bodies))
+    await async_poll(
+        lambda: len(read_rows(db_path)) >= 1_000, deadline_s=20, what="first rows written"
+    )
+    await asyncio.to_thread(doomed.ctl, "stop_app")
+    assert not publisher.done(), "the stream ended before the node was stopped"
+    await publisher  # its node stays up; its confirms wait for the queues' new leaders
+    # The writer must be back on its queues first: a standby registering before it would
+    # rightly be handed them (single active consumer), and the check below would not hold.
+    await logged(services["persistence"], "amqp_connection_restored", "writer back", 20)
+
+    def writer_consuming() -> bool:
+        listed = b.ctl("list_queues", "name", "consumers", "--formatter", "json")
+        consumers = {q["name"]: int(q["consumers"] or 0) for q in json.loads(listed)}
+        return all(
+            consumers.get(name, 0) >= 1
+            for name in ("geo.persistence.upsert", "geo.persistence.re_resolve")
         )
-        await asyncio.to_thread(doomed.ctl, "stop_app")
-        assert not publisher.done(), "the stream ended before the node was stopped"
-        await publisher  # its node stays up; its confirms wait for the queues' new leaders
-        # The writer must be back on its queues first: a standby registering before it would
-        # rightly be handed them (single active consumer), and the check below would not hold.
-        await logged(services["persistence"], "amqp_connection_restored", "writer back", 20)
 
-        def writer_consuming() -> bool:
-            listed = b.ctl("list_queues", "name", "consumers", "--formatter", "json")
-            consumers = {q["name"]: int(q["consumers"] or 0) for q in json.loads(listed)}
-            return all(
-                consumers.get(name, 0) >= 1
-                for name in ("geo.persistence.upsert", "geo.persistence.re_resolve")
-            )
+    # Restored means connected; its consumers come back a moment later.
+    await async_poll(
+        lambda: asyncio.to_thread(writer_consuming), deadline_s=20, what="writer consuming"
+    )
+    # A service started now tries the list in order and connects to the next node.
+    standby = service_group.start("persistence", "persistence-2")
+    services["persistence-2"] = standby
+    await logged(standby, "persistence_ready", "a second persistence ready", 20)
+    assert events(standby, "amqp_connected")[0]["broker"] == b.endpoint
+    # Everything published before, during and after the stop ends up in geo_cache.
+    more = [{"ips": second[i : i + 250]} for i in range(0, len(second), 250)]
+    await publish(b.url, "ip.seen", more)
+    expected = {ip: expected_row(ip) for ip in ips}
 
-        # Restored means connected; its consumers come back a moment later.
-        await async_poll(
-            lambda: asyncio.to_thread(writer_consuming), deadline_s=20, what="writer consuming"
-        )
-        # A service started now tries the list in order and connects to the next node.
-        standby = ServiceProcess("persistence", env, tmp_path / "persistence-2.log").start()
-        services["persistence-2"] = standby
-        await logged(standby, "persistence_ready", "a second persistence ready", 20)
-        assert events(standby, "amqp_connected")[0]["broker"] == b.endpoint
-        # Everything published before, during and after the stop ends up in geo_cache.
-        more = [{"ips": second[i : i + 250]} for i in range(0, len(second), 250)]
-        await publish(b.url, "ip.seen", more)
-        expected = {ip: expected_row(ip) for ip in ips}
+    def complete() -> bool:
+        rows = read_rows(db_path)
+        return {ip: (r[0], r[1], r[5]) for ip, r in rows.items()} == expected
 
-        def complete() -> bool:
-            rows = read_rows(db_path)
-            return {ip: (r[0], r[1], r[5]) for ip, r in rows.items()} == expected
+    await async_poll(complete, deadline_s=45, interval=0.5, what="all 10,000 rows")
 
-        await async_poll(complete, deadline_s=45, interval=0.5, what="all 10,000 rows")
-
-        for name in ("persistence", "resolver", "timer"):
-            process = services[name]
-            assert process.running, f"{name} died with the node"
-            restored = events(process, "amqp_connection_restored")
-            assert restored, f"{name} did not reconnect"
-            assert restored[-1]["broker"] in (b.endpoint, c.endpoint), restored[-1]
-        timer_log = [e["event"] for e in services["timer"].log_events()]
-        last_restore = len(timer_log) - timer_log[::-1].index("amqp_connection_restored")
-        assert "timer_tick_published" in timer_log[last_restore:], "the timer fell silent"
-        assert not events(standby, "geo_upserts_applied"), "the standby wrote beside the writer"
-        assert await drain_queue(b.url, "geo.dead_letter") == []
-        after = await asyncio.to_thread(cluster.queues, via=b)
-        for name in DURABLE_QUEUES:
-            assert not after[name]["leader"].startswith(f"{a.name}@"), (name, after[name])
-        for name, process in services.items():
-            assert process.stop() == 0, name
-        assert time.monotonic() - started < 90
-    finally:
-        for process in services.values():
-            if process.running:
-                process.kill()
+    for name in ("persistence", "resolver", "timer"):
+        process = services[name]
+        assert process.running, f"{name} died with the node"
+        restored = events(process, "amqp_connection_restored")
+        assert restored, f"{name} did not reconnect"
+        assert restored[-1]["broker"] in (b.endpoint, c.endpoint), restored[-1]
+    timer_log = [e["event"] for e in services["timer"].log_events()]
+    last_restore = len(timer_log) - timer_log[::-1].index("amqp_connection_restored")
+    assert "timer_tick_published" in timer_log[last_restore:], "the timer fell silent"
+    assert not events(standby, "geo_upserts_applied"), "the standby wrote beside the writer"
+    assert await drain_queue(b.url, "geo.dead_letter") == []
+    after = await asyncio.to_thread(cluster.queues, via=b)
+    for name in DURABLE_QUEUES:
+        assert not after[name]["leader"].startswith(f"{a.name}@"), (name, after[name])
+    for name, process in services.items():
+        assert process.stop() == 0, name
+    assert time.monotonic() - started < 90
 
 
 async def test_a_tool_tries_each_url_of_the_list_once(amqp_url: str) -> None:

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from shared.messages import iso_utc_from_epoch
-from tests.integration.support import (
-    ServiceProcess,
+from bangui_geo.testing import (
+    ServiceGroup,
     async_poll,
     drain_queue,
     publish,
     read_rows,
-    service_env,
     wait_for_topology,
 )
+from shared.messages import iso_utc_from_epoch
 
 pytestmark = pytest.mark.integration
 
@@ -47,12 +46,10 @@ def remove_database(db_path: Path) -> None:
 
 
 async def test_a_database_deleted_mid_stream_gets_every_later_batch(
-    amqp_url: str, tmp_path: Path
+    amqp_url: str, service_group: ServiceGroup
 ) -> None:
-    db_path = tmp_path / "geo_cache.sqlite3"
-    persistence = ServiceProcess(
-        "persistence", service_env(amqp_url, db_path), tmp_path / "persistence.log"
-    ).start()
+    db_path = service_group.db_path
+    persistence = service_group.start("persistence")
     try:
         await wait_for_topology(amqp_url)
         published_before_deletion = 0

@@ -8,75 +8,21 @@ import json
 import sqlite3
 import subprocess
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import aio_pika
 import pytest
 
-from shared.ipnorm import is_routable
-from tests.broker import BrokerAdmin
-from tests.integration.support import (
-    ServiceProcess,
+from bangui_geo.testing import (
+    ServiceGroup,
     async_poll,
     drain_queue,
+    public_ips,
     publish,
-    read_rows,
-    service_env,
     wait_for_topology,
 )
+from bangui_geo.testing.broker import BrokerAdmin
 
 pytestmark = pytest.mark.integration
-
-
-class Services:
-    def __init__(self, amqp_url: str, tmp_path: Path) -> None:
-        self.amqp_url = amqp_url
-        self.db_path = tmp_path / "geo_cache.sqlite3"
-        self.tmp_path = tmp_path
-        self.running: dict[str, ServiceProcess] = {}
-        self.restarts = 0
-
-    def start(self, name: str) -> None:
-        env = service_env(self.amqp_url, self.db_path, GEO_FLUSH_INTERVAL="0.5")
-        log = self.tmp_path / f"{name}.{self.restarts}.log"
-        self.running[name] = ServiceProcess(name, env, log).start()
-
-    def kill_and_restart(self, name: str) -> None:
-        self.running[name].kill()
-        self.restarts += 1
-        self.start(name)
-
-    def row_count(self) -> int:
-        if not self.db_path.exists():
-            return 0
-        with sqlite3.connect(self.db_path, timeout=5) as db:
-            try:
-                return int(db.execute("SELECT COUNT(*) FROM geo_cache").fetchone()[0])
-            except sqlite3.OperationalError:
-                return 0
-
-
-@pytest.fixture
-def services(amqp_url: str, tmp_path: Path) -> Iterator[Services]:
-    group = Services(amqp_url, tmp_path)
-    yield group
-    for process in group.running.values():
-        if process.running:
-            process.kill()
-
-
-def distinct_public_ips(n: int) -> list[str]:
-    """``n`` distinct routable IPv4 addresses from a fixed pseudo-random sequence."""
-    out: dict[str, None] = {}
-    x = 12345
-    while len(out) < n:
-        x = (x * 6364136223846793005 + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF
-        v = x >> 32
-        ip = f"{v >> 24}.{(v >> 16) & 255}.{(v >> 8) & 255}.{v & 255}"
-        if is_routable(ip):
-            out[ip] = None
-    return list(out)
 
 
 async def publish_resilient(amqp_url: str, bodies: list[dict[str, object]]) -> None:
@@ -123,9 +69,9 @@ def rabbitmqctl(admin: BrokerAdmin, *args: str) -> None:
 
 
 async def test_sigkill_every_service_and_restart_the_broker_loses_nothing(
-    services: Services, broker_admin: BrokerAdmin
+    service_group: ServiceGroup, broker_admin: BrokerAdmin
 ) -> None:
-    ips = distinct_public_ips(35_000)
+    ips = public_ips(35_000, seed=1)
     singles = [{"ip": ip} for ip in ips[:5_000]]
     bulk = [{"ips": ips[i : i + 1000]} for i in range(5_000, 35_000, 1000)]
     bodies: list[dict[str, object]] = []
@@ -136,18 +82,18 @@ async def test_sigkill_every_service_and_restart_the_broker_loses_nothing(
     bodies += bulk
 
     for name in ("persistence", "resolver", "timer"):
-        services.start(name)
-    await wait_for_topology(services.amqp_url)
-    publisher = asyncio.create_task(publish_resilient(services.amqp_url, bodies))
+        service_group.start(name)
+    await wait_for_topology(service_group.amqp_url)
+    publisher = asyncio.create_task(publish_resilient(service_group.amqp_url, bodies))
 
     async def rows_at_least(n: int) -> bool:
-        return services.row_count() >= n
+        return service_group.row_count() >= n
 
     await async_poll(lambda: rows_at_least(3_000), deadline_s=60, what="3,000 rows")
-    services.kill_and_restart("resolver")
+    service_group.restart("resolver")
     await async_poll(lambda: rows_at_least(8_000), deadline_s=60, what="8,000 rows")
-    services.kill_and_restart("persistence")
-    services.kill_and_restart("timer")
+    service_group.restart("persistence")
+    service_group.restart("timer")
     await async_poll(lambda: rows_at_least(14_000), deadline_s=60, what="14,000 rows")
 
     rabbitmqctl(broker_admin, "stop_app")
@@ -157,44 +103,44 @@ async def test_sigkill_every_service_and_restart_the_broker_loses_nothing(
         rabbitmqctl(broker_admin, "start_app")
     rabbitmqctl(broker_admin, "await_startup")
     await publisher
-    services.kill_and_restart("resolver")
+    service_group.restart("resolver")
 
     async def complete() -> bool:
-        return services.row_count() >= len(ips)
+        return service_group.row_count() >= len(ips)
 
     await async_poll(complete, deadline_s=120, what="all 35,000 IPs in geo_cache", interval=0.5)
-    rows = read_rows(services.db_path)
+    rows = service_group.rows()
     assert set(rows) == set(ips), (
         f"missing {len(set(ips) - set(rows))}, extra {len(set(rows) - set(ips))}"
     )
     assert len(rows) == len(ips)  # ip is the primary key: no duplicates
-    assert all(p.running for p in services.running.values()), "all services still run"
+    assert all(p.running for p in service_group.processes.values()), "all services still run"
 
     # On a fast broker every row can land before the restarted resolver has even installed its
     # signal handlers; a SIGTERM then would end it with the default action (-15), not a drain.
     async def restarted_resolver_ready() -> bool:
-        events = services.running["resolver"].log_events()
+        events = service_group.processes["resolver"].log_events()
         return any(event.get("event") == "resolver_ready" for event in events)
 
     await async_poll(restarted_resolver_ready, deadline_s=60, what="the restarted resolver ready")
-    codes = {name: p.stop() for name, p in services.running.items()}
+    codes = {name: p.stop() for name, p in service_group.processes.items()}
     assert codes == dict.fromkeys(codes, 0), codes
 
 
-async def test_locked_database_backs_off_and_requeues(services: Services) -> None:
-    services.start("persistence")
-    services.start("resolver")
-    services.start("timer")
-    await wait_for_topology(services.amqp_url)
-    await publish(services.amqp_url, "ip.seen", [{"ip": "8.8.8.8"}])
-    await async_poll(lambda: "8.8.8.8" in read_rows(services.db_path), deadline_s=15, what="row")
+async def test_locked_database_backs_off_and_requeues(service_group: ServiceGroup) -> None:
+    service_group.start("persistence")
+    service_group.start("resolver")
+    service_group.start("timer")
+    await wait_for_topology(service_group.amqp_url)
+    await publish(service_group.amqp_url, "ip.seen", [{"ip": "8.8.8.8"}])
+    await async_poll(lambda: "8.8.8.8" in service_group.rows(), deadline_s=15, what="row")
 
     # Another writer holds the database for longer than persistence's busy timeout (5 s).
     locked = threading.Event()
     release = threading.Event()
 
     def hold_lock() -> None:
-        db = sqlite3.connect(services.db_path, timeout=5, isolation_level=None)
+        db = sqlite3.connect(service_group.db_path, timeout=5, isolation_level=None)
         db.execute("BEGIN EXCLUSIVE")
         locked.set()
         release.wait(20)
@@ -205,8 +151,8 @@ async def test_locked_database_backs_off_and_requeues(services: Services) -> Non
     holder.start()
     try:
         assert locked.wait(10)
-        await publish(services.amqp_url, "ip.seen", [{"ips": ["1.1.1.1", "9.9.9.9"]}])
-        persistence = services.running["persistence"]
+        await publish(service_group.amqp_url, "ip.seen", [{"ips": ["1.1.1.1", "9.9.9.9"]}])
+        persistence = service_group.processes["persistence"]
         await async_poll(
             lambda: any(e.get("event") == "message_requeued" for e in persistence.log_events()),
             deadline_s=20,
@@ -216,9 +162,9 @@ async def test_locked_database_backs_off_and_requeues(services: Services) -> Non
         release.set()
         holder.join()
     await async_poll(
-        lambda: {"1.1.1.1", "9.9.9.9"} <= set(read_rows(services.db_path)),
+        lambda: {"1.1.1.1", "9.9.9.9"} <= set(service_group.rows()),
         deadline_s=20,
         what="rows written once the lock is gone",
     )
-    assert await drain_queue(services.amqp_url, "geo.dead_letter") == []
-    assert services.running["persistence"].running
+    assert await drain_queue(service_group.amqp_url, "geo.dead_letter") == []
+    assert service_group.processes["persistence"].running

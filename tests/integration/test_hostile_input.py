@@ -4,34 +4,28 @@ geo.dead_letter with its reason, nothing crashes, and the messages around them s
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from tests.hostile_bodies import HOSTILE_ELSEWHERE, HOSTILE_IP_SEEN
-from tests.integration.support import (
-    ServiceProcess,
+from bangui_geo.testing import (
+    ServiceGroup,
     async_poll,
     drain_queue,
     publish,
     read_rows,
-    service_env,
     wait_for_topology,
 )
+from tests.hostile_bodies import HOSTILE_ELSEWHERE, HOSTILE_IP_SEEN
 
 pytestmark = pytest.mark.integration
 
 
 async def test_every_kind_of_hostile_message_is_dead_lettered(
-    amqp_url: str, tmp_path: Path
+    amqp_url: str, service_group: ServiceGroup
 ) -> None:
-    db_path = tmp_path / "geo.sqlite3"
+    db_path = service_group.db_path
     processes = {
-        name: ServiceProcess(
-            name,
-            service_env(amqp_url, db_path, GEO_MAX_MESSAGE_BYTES="1048576"),
-            tmp_path / f"{name}.log",
-        ).start()
+        name: service_group.start(name, GEO_MAX_MESSAGE_BYTES="1048576")
         for name in ("persistence", "resolver", "timer")
     }
     try:
@@ -89,13 +83,10 @@ async def test_every_kind_of_hostile_message_is_dead_lettered(
 
 
 async def test_one_typo_in_a_bulk_message_loses_no_other_address(
-    amqp_url: str, tmp_path: Path
+    amqp_url: str, service_group: ServiceGroup
 ) -> None:
-    db_path = tmp_path / "geo.sqlite3"
-    processes = {
-        name: ServiceProcess(name, service_env(amqp_url, db_path), tmp_path / f"{name}.log").start()
-        for name in ("persistence", "resolver", "timer")
-    }
+    db_path = service_group.db_path
+    processes = {name: service_group.start(name) for name in ("persistence", "resolver", "timer")}
     try:
         await wait_for_topology(amqp_url)
         ips = [f"203.0.{i // 250}.{i % 250 + 1}" for i in range(1000)]

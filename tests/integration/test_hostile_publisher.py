@@ -9,15 +9,13 @@ import json
 import socket
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 
-from shared.amqp import connect_once, peek_dead_letters, replay_dead_letters
-from tests.integration.deployment import ADMIN, PUBLISHER, Deployment
-from tests.integration.support import (
+from bangui_geo.testing import (
+    ServiceGroup,
     ServiceProcess,
     async_poll,
     drain_queue,
@@ -25,8 +23,9 @@ from tests.integration.support import (
     queue_details,
     read_rows,
     ready_count,
-    service_env,
 )
+from shared.amqp import connect_once, peek_dead_letters, replay_dead_letters
+from tests.integration.deployment import ADMIN, PUBLISHER, Deployment
 
 pytestmark = pytest.mark.integration
 
@@ -98,13 +97,8 @@ async def settled(deployment: Deployment, queue: str) -> bool:
     return details.get("messages") == 0 and details.get("messages_unacknowledged") == 0
 
 
-def start_persistence(deployment: Deployment, tmp_path: Path, **env: str) -> ServiceProcess:
-    db_path = tmp_path / "geo.sqlite3"
-    return ServiceProcess(
-        "persistence",
-        service_env(deployment.url(PERSISTENCE), db_path, **env),
-        tmp_path / "persistence.log",
-    ).start()
+def start_persistence(deployment: Deployment, group: ServiceGroup, **env: str) -> ServiceProcess:
+    return group.start("persistence", amqp_url=deployment.url(PERSISTENCE), **env)
 
 
 async def wait_ready(process: ServiceProcess) -> None:
@@ -116,9 +110,9 @@ async def wait_ready(process: ServiceProcess) -> None:
 
 
 async def test_cc_and_bcc_copies_are_dead_lettered_and_persistence_keeps_writing(
-    deployment: Deployment, tmp_path: Path
+    deployment: Deployment, service_group: ServiceGroup
 ) -> None:
-    persistence = start_persistence(deployment, tmp_path)
+    persistence = start_persistence(deployment, service_group)
     try:
         await wait_ready(persistence)
         publisher = deployment.url(PUBLISHER)
@@ -134,7 +128,7 @@ async def test_cc_and_bcc_copies_are_dead_lettered_and_persistence_keeps_writing
         )
         await send(deployment.url(RESOLVER), "geo.upsert", [json.dumps(VALID_BATCH).encode()])
 
-        db_path = tmp_path / "geo.sqlite3"
+        db_path = service_group.db_path
         await async_poll(
             lambda: "8.8.8.8" in read_rows(db_path), deadline_s=20, what="the valid batch written"
         )
@@ -179,19 +173,19 @@ async def test_cc_and_bcc_copies_are_dead_lettered_and_persistence_keeps_writing
 
 
 async def test_a_dead_letter_that_cannot_be_published_is_still_settled(
-    deployment: Deployment, tmp_path: Path
+    deployment: Deployment, service_group: ServiceGroup
 ) -> None:
     # An operator's mistake: persistence may no longer write to bangui.dlx.
     deployment.set_topic_permission(PERSISTENCE, "bangui.dlx", write="(?!)", read="^#$")
     port = free_port()
-    persistence = start_persistence(deployment, tmp_path, GEO_METRICS_PORT=str(port))
+    persistence = start_persistence(deployment, service_group, GEO_METRICS_PORT=str(port))
     try:
         await wait_ready(persistence)
         assert http_get(port, "/health")[0] == 200
         resolver = deployment.url(RESOLVER)
         await send(resolver, "geo.upsert", [b"not json"] * 10)
         await send(resolver, "geo.upsert", [json.dumps(VALID_BATCH).encode()])
-        db_path = tmp_path / "geo.sqlite3"
+        db_path = service_group.db_path
         await async_poll(
             lambda: "8.8.8.8" in read_rows(db_path), deadline_s=20, what="the valid batch written"
         )
@@ -327,11 +321,11 @@ async def test_a_cc_copy_that_expires_in_the_upsert_queue_is_never_replayed(
 
 
 async def test_headers_near_the_frame_limit_do_not_take_a_service_off_the_broker(
-    deployment: Deployment, tmp_path: Path
+    deployment: Deployment, service_group: ServiceGroup
 ) -> None:
     # A publisher's headers sized just under the broker's frame limit: the dead-letter copy
     # must not grow past it (the broker would close the whole connection, again and again).
-    persistence = start_persistence(deployment, tmp_path)
+    persistence = start_persistence(deployment, service_group)
     try:
         await wait_ready(persistence)
         pad = "A" * 130_950  # the publish itself fits a frame; the copy plus ours would not

@@ -5,27 +5,19 @@ NULL rows; once the stand-in recovers, re-resolve brings them back, and the limi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.support import (
-    ServiceProcess,
+from bangui_geo.testing import (
+    ServiceGroup,
     async_poll,
+    non_global_ips,
     publish,
-    read_rows,
-    service_env,
     wait_for_topology,
 )
-from tests.ipapi_standin import (
-    IpApiStandIn,
-    Outage,
-    ThreadedStandIn,
-    expected_geo,
-    non_global_ips,
-    public_ips,
-)
+from bangui_geo.testing.ipapi_standin import IpApiStandIn, Outage, ThreadedStandIn, expected_geo
+from bangui_geo.testing.ips import known_public_ips
 
 pytestmark = pytest.mark.integration
 
@@ -51,12 +43,10 @@ def expected_row(ip: str) -> tuple[Any, ...]:
 
 
 async def test_outage_rows_come_back_through_re_resolve_without_breaking_the_limit(
-    amqp_url: str, tmp_path: Path, stand_in: ThreadedStandIn
+    service_group: ServiceGroup, stand_in: ThreadedStandIn
 ) -> None:
-    db_path = tmp_path / "geo_cache.sqlite3"
-    env = service_env(
-        amqp_url,
-        db_path,
+    amqp_url = service_group.amqp_url
+    service_group.env.update(
         GEO_PROVIDER="ip-api",
         GEO_IPAPI_URL=stand_in.url,
         GEO_IPAPI_REQUESTS_PER_WINDOW="15",
@@ -64,52 +54,43 @@ async def test_outage_rows_come_back_through_re_resolve_without_breaking_the_lim
         GEO_IPAPI_TIMEOUT="2",
         GEO_RE_RESOLVE_INTERVAL="2",
     )
-    services = [
-        ServiceProcess(name, env, tmp_path / f"{name}.log")
-        for name in ("persistence", "resolver", "timer")
-    ]
-    public = public_ips(1_500, seed=31)
+    public = known_public_ips(1_500, seed=31)
     private = non_global_ips(60, seed=37)
     during_outage, after_recovery = public[:500], public[500:]
 
     def rows() -> dict[str, tuple[Any, ...]]:
-        return {ip: (*r[:4], *r[5:]) for ip, r in read_rows(db_path).items()}
+        return {ip: (*r[:4], *r[5:]) for ip, r in service_group.rows().items()}
 
     stand_in.set_outage(Outage.UNAVAILABLE)
-    try:
-        for service in services:
-            service.start()
-        await wait_for_topology(amqp_url)
-        await publish(amqp_url, "ip.seen", ip_seen_bodies(during_outage + private))
+    for name in ("persistence", "resolver", "timer"):
+        service_group.start(name)
+    await wait_for_topology(amqp_url)
+    await publish(amqp_url, "ip.seen", ip_seen_bodies(during_outage + private))
 
-        async def outage_rows_stored() -> bool:
-            stored = rows()
-            return all(ip in stored for ip in during_outage + private)
-
-        await async_poll(outage_rows_stored, deadline_s=20, what="rows for the outage IPs")
+    async def outage_rows_stored() -> bool:
         stored = rows()
-        failed = [ip for ip in during_outage if stored[ip][4] == "failed"]
-        assert len(failed) == len(during_outage)
-        assert all(stored[ip][:4] == (None,) * 4 for ip in failed)  # NULL rows
-        assert all(stored[ip][4] == "not_global" for ip in private)
-        outage_requests = len(stand_in.records())
-        assert outage_requests >= 1
+        return all(ip in stored for ip in during_outage + private)
 
-        stand_in.set_outage(Outage.NONE)
-        await publish(amqp_url, "ip.seen", ip_seen_bodies(after_recovery))
-        expected = {ip: expected_row(ip) for ip in public}
+    await async_poll(outage_rows_stored, deadline_s=20, what="rows for the outage IPs")
+    stored = rows()
+    failed = [ip for ip in during_outage if stored[ip][4] == "failed"]
+    assert len(failed) == len(during_outage)
+    assert all(stored[ip][:4] == (None,) * 4 for ip in failed)  # NULL rows
+    assert all(stored[ip][4] == "not_global" for ip in private)
+    outage_requests = len(stand_in.records())
+    assert outage_requests >= 1
 
-        async def all_resolved() -> bool:
-            stored = rows()
-            return all(stored.get(ip) == row for ip, row in expected.items())
+    stand_in.set_outage(Outage.NONE)
+    await publish(amqp_url, "ip.seen", ip_seen_bodies(after_recovery))
+    expected = {ip: expected_row(ip) for ip in public}
 
-        await async_poll(all_resolved, deadline_s=30, what="every public IP resolved")
-        assert all(rows()[ip][4] == "not_global" for ip in private)
-        assert [s.stop() for s in services] == [0, 0, 0]
-    finally:
-        for service in services:
-            if service.running:
-                service.kill()
+    async def all_resolved() -> bool:
+        stored = rows()
+        return all(stored.get(ip) == row for ip, row in expected.items())
+
+    await async_poll(all_resolved, deadline_s=30, what="every public IP resolved")
+    assert all(rows()[ip][4] == "not_global" for ip in private)
+    assert service_group.stop_all() == {"persistence": 0, "resolver": 0, "timer": 0}
 
     records = stand_in.records()
     statuses = [r.status for r in records]
@@ -124,10 +105,10 @@ async def test_outage_rows_come_back_through_re_resolve_without_breaking_the_lim
     assert average >= 50
     assert not set(sent) & set(private)
     assert set(sent) == set(public)
-    resolver_events = [e.get("event") for e in services[1].log_events()]
+    resolver_events = [e.get("event") for e in service_group["resolver"].log_events()]
     assert "ipapi_request_failed" in resolver_events
     assert "ipapi_rate_limited" not in resolver_events
     assert any(
         e.get("event") == "geo_re_resolve_ran" and e.get("retried", 0) > 0
-        for e in services[0].log_events()
+        for e in service_group["persistence"].log_events()
     )

@@ -13,7 +13,18 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from tests.integration.agent_support import AgentProcess, Fail2banServer
+from bangui_geo.testing import (
+    REPO_ROOT,
+    ServiceGroup,
+    ServiceProcess,
+    async_poll,
+    drain_queue,
+    publish,
+    read_rows,
+    service_env,
+)
+from bangui_geo.testing.agent import AgentProcess
+from tests.integration.agent_support import Fail2banServer
 from tests.integration.deployment import (
     ADMIN,
     PUBLISHER,
@@ -27,15 +38,6 @@ from tests.integration.deployment import (
     management,
     outcome,
     publishing,
-)
-from tests.integration.support import (
-    REPO_ROOT,
-    ServiceProcess,
-    async_poll,
-    drain_queue,
-    publish,
-    read_rows,
-    service_env,
 )
 
 pytestmark = pytest.mark.integration
@@ -53,13 +55,11 @@ KEYS = (
 
 
 async def test_each_service_runs_the_pipeline_with_its_own_user(
-    deployment: Deployment, tmp_path: Path
+    deployment: Deployment, service_group: ServiceGroup
 ) -> None:
-    db_path = tmp_path / "geo_cache.sqlite3"
+    db_path = service_group.db_path
     processes = {
-        name: ServiceProcess(
-            name, service_env(deployment.url(user), db_path), tmp_path / f"{name}.log"
-        ).start()
+        name: service_group.start(name, amqp_url=deployment.url(user))
         for name, user in SERVICES.items()
     }
     try:

@@ -10,24 +10,23 @@ import json
 import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 
-from shared.client import GeoClient, LookupFailed
-from tests.integration.support import (
+from bangui_geo.testing import (
     REPO_ROOT,
-    ServiceProcess,
+    ServiceGroup,
     async_poll,
     drain_queue,
     read_rows,
-    service_env,
     wait_for_topology,
 )
-from tests.integration.test_warm import free_port, metric
-from tests.ipapi_standin import IpApiStandIn, Outage, ThreadedStandIn, expected_geo, public_ips
+from bangui_geo.testing.http import free_port, scraped
+from bangui_geo.testing.ipapi_standin import IpApiStandIn, Outage, ThreadedStandIn, expected_geo
+from bangui_geo.testing.ips import known_public_ips
+from shared.client import GeoClient, LookupFailed
 
 pytestmark = pytest.mark.integration
 
@@ -65,12 +64,10 @@ def without_time(row: list[Any]) -> list[Any]:
 
 
 async def test_lookup_requests_are_answered_in_order_by_competing_replicas(
-    amqp_url: str, tmp_path: Path, stand_in: ThreadedStandIn
+    service_group: ServiceGroup, stand_in: ThreadedStandIn
 ) -> None:
-    db_path = tmp_path / "geo_cache.sqlite3"
-    env = service_env(
-        amqp_url,
-        db_path,
+    amqp_url, db_path = service_group.amqp_url, service_group.db_path
+    service_group.env.update(
         GEO_PROVIDER="ip-api",
         GEO_IPAPI_URL=stand_in.url,
         GEO_IPAPI_REQUESTS_PER_WINDOW="1000",
@@ -78,23 +75,17 @@ async def test_lookup_requests_are_answered_in_order_by_competing_replicas(
         GEO_IPAPI_TIMEOUT="5",
     )
     ports = [free_port(), free_port()]
-    services = [
-        ServiceProcess("persistence", env, tmp_path / "persistence.log"),
-        ServiceProcess("timer", env, tmp_path / "timer.log"),
-        *(
-            ServiceProcess("resolver", dict(env, GEO_METRICS_PORT=str(p)), tmp_path / f"r{p}.log")
-            for p in ports
-        ),
-    ]
-    public = public_ips(400, seed=53)
+    public = known_public_ips(400, seed=53)
     connection = await aio_pika.connect(amqp_url)
     try:
-        for service in services:
-            service.start()
+        service_group.start("persistence")
+        service_group.start("timer")
+        for i, port in enumerate(ports, 1):
+            service_group.start("resolver", f"resolver-{i}", GEO_METRICS_PORT=str(port))
         await wait_for_topology(amqp_url)
 
         async def serving() -> bool:
-            return all(metric(p, "geo_lookups_total") == 0 for p in ports)
+            return all(scraped(p, "geo_lookups_total") == 0 for p in ports)
 
         await async_poll(serving, deadline_s=20, what="both resolvers serving")
 
@@ -164,13 +155,13 @@ async def test_lookup_requests_are_answered_in_order_by_competing_replicas(
 
         counts = await asyncio.gather(*(requester(i) for i in range(200)))
         assert counts == [100] * 200
-        answered = [metric(p, "geo_lookup_requests_total") or 0 for p in ports]
+        answered = [scraped(p, "geo_lookup_requests_total") or 0 for p in ports]
         assert all(n > 0 for n in answered), answered
 
         # The deadline: a provider that hangs makes the addresses pending; they are still
         # resolved afterwards (here: the hang ends in a failure, stored as a failed row).
         stand_in.set_outage(Outage.HANG)
-        late = public_ips(3, seed=59)
+        late = known_public_ips(3, seed=59)
         async with GeoClient.connect(amqp_url) as geo:
             rows = await geo.lookup([*late, public[0]], timeout=0.5)
         assert [r.resolution for r in rows] == ["pending"] * 3 + ["resolved"]
@@ -187,7 +178,7 @@ async def test_lookup_requests_are_answered_in_order_by_competing_replicas(
             sys.executable,
             *("-m", "services.cli", "lookup", "--live", public[5], "192.168.0.1"),
             cwd=REPO_ROOT,
-            env=env,
+            env=service_group.env_for(),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -199,19 +190,16 @@ async def test_lookup_requests_are_answered_in_order_by_competing_replicas(
         assert geo5.country_name is not None
         assert geo5.country_name in stdout
         assert "not_global" in stdout
-        assert [s.stop() for s in services] == [0, 0, 0, 0]
+        assert service_group.stop_all() == dict.fromkeys(
+            ("timer", "resolver-1", "resolver-2", "persistence"), 0
+        )
     finally:
         await connection.close()
-        for service in services:
-            if service.running:
-                service.kill()
 
 
-async def test_geo_client_says_when_no_resolver_answers(amqp_url: str, tmp_path: Path) -> None:
-    persistence = ServiceProcess(
-        "persistence", service_env(amqp_url, tmp_path / "g.sqlite3"), tmp_path / "p.log"
-    )
-    persistence.start()
+async def test_geo_client_says_when_no_resolver_answers(service_group: ServiceGroup) -> None:
+    amqp_url = service_group.amqp_url
+    persistence = service_group.start("persistence")
     try:
         await wait_for_topology(amqp_url)
         async with GeoClient.connect(amqp_url) as geo:

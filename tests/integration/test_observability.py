@@ -3,57 +3,26 @@
 from __future__ import annotations
 
 import json
-import re
-import socket
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.integration.support import (
-    ServiceProcess,
+from bangui_geo.testing import (
+    ServiceGroup,
     async_poll,
     publish,
     read_rows,
-    service_env,
     wait_for_topology,
 )
+from bangui_geo.testing.http import free_port, get, metric
 
 pytestmark = pytest.mark.integration
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    for line in text.splitlines():
-        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-            return float(match.group(2))
-    raise AssertionError(f"{name} {labels} not in /metrics")
-
-
-async def test_metrics_and_health_on_every_service(amqp_url: str, tmp_path: Path) -> None:
-    db_path = tmp_path / "geo.sqlite3"
+async def test_metrics_and_health_on_every_service(service_group: ServiceGroup) -> None:
+    amqp_url, db_path = service_group.amqp_url, service_group.db_path
     ports = {name: free_port() for name in ("resolver", "timer", "persistence")}
     processes = [
-        ServiceProcess(
-            name,
-            service_env(amqp_url, db_path, GEO_METRICS_PORT=str(port)),
-            tmp_path / f"{name}.log",
-        ).start()
-        for name, port in ports.items()
+        service_group.start(name, GEO_METRICS_PORT=str(port)) for name, port in ports.items()
     ]
     try:
         await wait_for_topology(amqp_url)

@@ -1,76 +1,30 @@
-"""The whole pipeline against a real RabbitMQ and a real SQLite file: the three services run as
-subprocesses by their contract start commands, in a fresh vhost per test."""
+"""The whole pipeline against a real RabbitMQ and a real SQLite file (the tests that only look at
+rows also against PostgreSQL): the three services run as subprocesses by their contract start
+commands, in a fresh vhost per test."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aio_pika
-import iptocc
-import pycountry
 import pytest
 
-from shared.ipnorm import is_routable, normalize_ip
-from tests.integration.support import (
-    ServiceProcess,
+from bangui_geo.testing import (
+    ServiceGroup,
     async_poll,
     drain_queue,
+    public_ips,
     publish,
-    read_rows,
     ready_count,
-    service_env,
     wait_for_topology,
 )
+from bangui_geo.testing.expected import expected_row
+from shared.ipnorm import normalize_ip
 
 pytestmark = pytest.mark.integration
 
 SERVICES = ("resolver", "timer", "persistence")
-
-
-class Pipeline:
-    def __init__(self, amqp_url: str, tmp_path: Path) -> None:
-        self.amqp_url = amqp_url
-        self.db_path = tmp_path / "db" / "geo_cache.sqlite3"
-        self.tmp_path = tmp_path
-        self.processes: dict[str, ServiceProcess] = {}
-
-    def start(self, name: str, **env: str) -> ServiceProcess:
-        process = ServiceProcess(
-            name,
-            service_env(self.amqp_url, self.db_path, **env),
-            self.tmp_path / f"{name}.log",
-        ).start()
-        self.processes[name] = process
-        return process
-
-    def rows(self) -> dict[str, tuple[Any, ...]]:
-        return read_rows(self.db_path)
-
-    def stop_all(self) -> dict[str, int]:
-        return {name: p.stop() for name, p in self.processes.items() if p.process is not None}
-
-
-@pytest.fixture
-def pipeline(amqp_url: str, tmp_path: Path) -> Iterator[Pipeline]:
-    pipe = Pipeline(amqp_url, tmp_path)
-    yield pipe
-    for process in pipe.processes.values():
-        if process.running:
-            process.kill()
-
-
-def expected_row(ip: str) -> tuple[str | None, str | None, str]:
-    """(country_code, country_name, resolution) computed from the embedded data directly."""
-    if not is_routable(ip):
-        return None, None, "not_global"
-    code = iptocc.country_code(ip)
-    if code is None:
-        return None, None, "failed"
-    country = pycountry.countries.get(alpha_2=code)
-    return code, (country.name if country else None), "resolved"
 
 
 def summary(rows: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
@@ -78,14 +32,16 @@ def summary(rows: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
 
 
 async def test_mixed_burst_becomes_exact_rows_and_malformed_is_dead_lettered(
-    pipeline: Pipeline,
+    any_store: ServiceGroup,
 ) -> None:
+    # GEO_DB_PATH's parent folder is created (on SQLite; no file at all beside GEO_DB_URL).
+    any_store.db_path = any_store.log_dir / "db" / "geo_cache.sqlite3"
     # Any start order: the timer first, then persistence; the resolver last, after publishing.
-    pipeline.start("timer")
-    pipeline.start("persistence")
-    await wait_for_topology(pipeline.amqp_url)
+    any_store.start("timer")
+    any_store.start("persistence")
+    await wait_for_topology(any_store.amqp_url)
 
-    public_v4 = [f"{a}.{b}.{c}.{d}" for a, b, c, d in _sample_public_v4(1500)]
+    public_v4 = public_ips(1500, seed=2)
     public_v6 = ["2001:4860:4860::8888", "2a00:1450:4001:82a::200e", "2400:cb00:2048:1::c629:d7a2"]
     mapped = ["::ffff:8.8.4.4", "::FFFF:1.0.0.1"]
     private = [
@@ -121,8 +77,8 @@ async def test_mixed_burst_becomes_exact_rows_and_malformed_is_dead_lettered(
     for i, bad in enumerate(malformed):
         bodies.insert((i + 1) * step, bad)
     assert len(bodies) > 3000  # a burst of over 3,000 mixed messages
-    await publish(pipeline.amqp_url, "ip.seen", bodies)
-    pipeline.start("resolver")
+    await publish(any_store.amqp_url, "ip.seen", bodies)
+    any_store.start("resolver")
 
     # 1.1.1.1 comes from the body that is half malformed: its valid part is kept.
     published = public_v4 + public_v6 + mapped + private + unresolvable + ["1.1.1.1"]
@@ -130,10 +86,10 @@ async def test_mixed_burst_becomes_exact_rows_and_malformed_is_dead_lettered(
     expected = {ip: expected_row(ip) for ip in all_ips}
 
     async def complete() -> bool:
-        return summary(pipeline.rows()) == expected
+        return summary(any_store.rows()) == expected
 
     await async_poll(complete, deadline_s=30, what="geo_cache to hold exactly the expected rows")
-    rows = pipeline.rows()
+    rows = any_store.rows()
     assert "8.8.4.4" in rows
     assert "1.0.0.1" in rows
     assert "::ffff:8.8.4.4" not in rows
@@ -147,7 +103,7 @@ async def test_mixed_burst_becomes_exact_rows_and_malformed_is_dead_lettered(
     dead: list[aio_pika.abc.AbstractIncomingMessage] = []
 
     async def all_dead_lettered() -> bool:
-        dead.extend(await drain_queue(pipeline.amqp_url, "geo.dead_letter"))
+        dead.extend(await drain_queue(any_store.amqp_url, "geo.dead_letter"))
         return len(dead) >= len(malformed)
 
     await async_poll(all_dead_lettered, deadline_s=20, what="every malformed body dead-lettered")
@@ -162,57 +118,56 @@ async def test_mixed_burst_becomes_exact_rows_and_malformed_is_dead_lettered(
     assert "1000" in reasons[malformed[7]]
     assert all((m.headers or {})["x-geo-original-routing-key"] == "ip.seen" for m in dead)
 
-    assert all(p.running for p in pipeline.processes.values()), "every service still runs"
-    assert pipeline.stop_all() == {name: 0 for name in SERVICES}
+    assert all(p.running for p in any_store.processes.values()), "every service still runs"
+    assert any_store.stop_all() == {name: 0 for name in SERVICES}
 
 
-async def test_shutdown_flushes_what_the_resolver_holds(pipeline: Pipeline) -> None:
+async def test_shutdown_flushes_what_the_resolver_holds(service_group: ServiceGroup) -> None:
     # No timer and a long interval: only the resolver's final flush on SIGTERM can write rows.
-    pipeline.start("persistence")
-    resolver = pipeline.start("resolver", GEO_FLUSH_INTERVAL="3600")
-    await wait_for_topology(pipeline.amqp_url)
-    await publish(pipeline.amqp_url, "ip.seen", [{"ips": ["8.8.8.8", "1.1.1.1", "10.0.0.1"]}])
+    service_group.start("persistence")
+    resolver = service_group.start("resolver", GEO_FLUSH_INTERVAL="3600")
+    await wait_for_topology(service_group.amqp_url)
+    await publish(service_group.amqp_url, "ip.seen", [{"ips": ["8.8.8.8", "1.1.1.1", "10.0.0.1"]}])
     await async_poll(
         lambda: any(e.get("event") == "resolver_ready" for e in resolver.log_events()),
         deadline_s=10,
         what="resolver ready",
     )
-    await async_poll(lambda: _all_delivered(pipeline), deadline_s=10, what="delivery held")
-    assert pipeline.rows() == {}
+    await async_poll(lambda: _all_delivered(service_group), deadline_s=10, what="delivery held")
+    assert service_group.rows() == {}
     assert resolver.stop() == 0
 
     async def written() -> bool:
-        return set(pipeline.rows()) == {"8.8.8.8", "1.1.1.1", "10.0.0.1"}
+        return set(service_group.rows()) == {"8.8.8.8", "1.1.1.1", "10.0.0.1"}
 
     await async_poll(written, deadline_s=10, what="final flush persisted")
-    assert pipeline.processes["persistence"].stop() == 0
+    assert service_group.processes["persistence"].stop() == 0
 
 
-async def test_killed_resolver_loses_nothing(pipeline: Pipeline) -> None:
+async def test_killed_resolver_loses_nothing(any_store: ServiceGroup) -> None:
     # The resolver acks ip.seen only once the geo.upsert carrying it is confirmed, so a
     # SIGKILL before any flush leaves the deliveries in the queue for the next resolver.
-    pipeline.start("persistence")
-    first = pipeline.start("resolver", GEO_FLUSH_INTERVAL="3600")
-    await wait_for_topology(pipeline.amqp_url)
-    ips = [f"{a}.{b}.{c}.{d}" for a, b, c, d in _sample_public_v4(300)]
-    await publish(pipeline.amqp_url, "ip.seen", [{"ip": ip} for ip in ips])
-    await async_poll(lambda: _all_delivered(pipeline), deadline_s=10, what="resolver holds all")
-    assert pipeline.rows() == {}
+    any_store.start("persistence")
+    first = any_store.start("resolver", GEO_FLUSH_INTERVAL="3600")
+    await wait_for_topology(any_store.amqp_url)
+    ips = public_ips(300, seed=3)
+    await publish(any_store.amqp_url, "ip.seen", [{"ip": ip} for ip in ips])
+    await async_poll(lambda: _all_delivered(any_store), deadline_s=10, what="resolver holds all")
+    assert any_store.rows() == {}
     first.kill()
-    pipeline.start("resolver")
-    pipeline.start("timer")
+    any_store.start("resolver")
+    any_store.start("timer")
 
     async def all_rows() -> bool:
-        return set(pipeline.rows()) == set(ips)
+        return set(any_store.rows()) == set(ips)
 
     await async_poll(all_rows, deadline_s=20, what="all IPs persisted after the restart")
 
 
-async def test_re_resolve_round_trip(pipeline: Pipeline) -> None:
+async def test_re_resolve_round_trip(service_group: ServiceGroup) -> None:
     # Rows left unresolved earlier (a provider outage, or the original BanGUI's table) are
     # retried; not-global and rejected rows never are.
-    pipeline.db_path.parent.mkdir(parents=True)
-    with sqlite3.connect(pipeline.db_path) as db:
+    with sqlite3.connect(service_group.db_path) as db:
         db.execute(
             "CREATE TABLE geo_cache (ip TEXT PRIMARY KEY, country_code TEXT, country_name TEXT,"
             " asn TEXT, org TEXT, cached_at TEXT NOT NULL)"  # the original BanGUI's columns
@@ -221,9 +176,10 @@ async def test_re_resolve_round_trip(pipeline: Pipeline) -> None:
             "INSERT INTO geo_cache (ip, cached_at) VALUES (?, '2020-01-01T00:00:00.000000Z')",
             [("8.8.8.8",), ("1.1.1.1",), ("2a00:1450:4001:82a::200e",), ("10.0.0.1",)],
         )
-    pipeline.start("persistence")
-    await wait_for_topology(pipeline.amqp_url)
-    with sqlite3.connect(pipeline.db_path) as db:  # schema migrated: add a failed, a rejected row
+    service_group.start("persistence")
+    await wait_for_topology(service_group.amqp_url)
+    db_path = service_group.db_path
+    with sqlite3.connect(db_path) as db:  # schema migrated: add a failed, a rejected row
         db.execute(
             "INSERT INTO geo_cache (ip, country_code, country_name, asn, org, cached_at,"
             " resolution, provider)"
@@ -236,17 +192,17 @@ async def test_re_resolve_round_trip(pipeline: Pipeline) -> None:
             " VALUES ('4.4.4.4', NULL, NULL, NULL, NULL,"
             " '2020-01-01T00:00:00.000000Z', 'rejected', 'ip-api')"
         )
-    pipeline.start("resolver")
-    pipeline.start("timer", GEO_RE_RESOLVE_INTERVAL="1.0")
+    service_group.start("resolver")
+    service_group.start("timer", GEO_RE_RESOLVE_INTERVAL="1.0")
 
     async def retried() -> bool:
-        rows = pipeline.rows()
+        rows = service_group.rows()
         return all(
             rows[ip][0] for ip in ("8.8.8.8", "1.1.1.1", "2a00:1450:4001:82a::200e", "9.9.9.9")
         )
 
     await async_poll(retried, deadline_s=20, what="unresolved rows resolved by re-resolve")
-    rows = pipeline.rows()
+    rows = service_group.rows()
     assert rows["8.8.8.8"][:2] == ("US", "United States")
     assert rows["9.9.9.9"][5] == "resolved"
     assert rows["10.0.0.1"][0] is None  # a legacy private row is never sent for retry
@@ -254,39 +210,29 @@ async def test_re_resolve_round_trip(pipeline: Pipeline) -> None:
     assert rows["4.4.4.4"][5] == "rejected"
     retries = [
         e
-        for e in pipeline.processes["persistence"].log_events()
+        for e in service_group.processes["persistence"].log_events()
         if e.get("event") == "geo_re_resolve_ran"
     ]
     assert retries
     assert retries[0]["retried"] == 4
-    assert pipeline.stop_all() == {name: 0 for name in SERVICES}
+    assert service_group.stop_all() == {name: 0 for name in SERVICES}
 
 
-async def _all_delivered(pipeline: Pipeline) -> bool:
+async def _all_delivered(service_group: ServiceGroup) -> bool:
     """Nothing ready in ip.seen: the resolver holds every delivery (none is persisted yet)."""
-    return await ready_count(pipeline.amqp_url, "geo.resolver.ip_seen") == 0
+    return await ready_count(service_group.amqp_url, "geo.resolver.ip_seen") == 0
 
 
-def _sample_public_v4(n: int) -> list[tuple[int, int, int, int]]:
-    """Deterministic public IPv4 addresses spread over the address space."""
-    out: list[tuple[int, int, int, int]] = []
-    x = 0x9E3779B9
-    while len(out) < n:
-        x = (x * 1103515245 + 12345) & 0xFFFFFFFF
-        parts = ((x >> 24) & 255, (x >> 16) & 255, (x >> 8) & 255, x & 255)
-        if is_routable(".".join(map(str, parts))):
-            out.append(parts)
-    return out
-
-
-async def test_copies_routed_around_the_topology_are_dead_lettered(pipeline: Pipeline) -> None:
+async def test_copies_routed_around_the_topology_are_dead_lettered(
+    service_group: ServiceGroup,
+) -> None:
     # RabbitMQ 3.x topic permissions ignore CC/BCC, and the default exchange routes by queue
     # name: a consumer refuses any delivery whose routing key its queue is not bound to.
-    pipeline.start("persistence")
-    pipeline.start("resolver")
-    pipeline.start("timer")
-    await wait_for_topology(pipeline.amqp_url)
-    connection = await aio_pika.connect(pipeline.amqp_url)
+    service_group.start("persistence")
+    service_group.start("resolver")
+    service_group.start("timer")
+    await wait_for_topology(service_group.amqp_url)
+    connection = await aio_pika.connect(service_group.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange("bangui")
@@ -297,10 +243,12 @@ async def test_copies_routed_around_the_topology_are_dead_lettered(pipeline: Pip
         )
         await channel.default_exchange.publish(aio_pika.Message(forged), "geo.persistence.upsert")
 
-    await async_poll(lambda: "8.8.8.8" in pipeline.rows(), deadline_s=15, what="the real ip.seen")
+    await async_poll(
+        lambda: "8.8.8.8" in service_group.rows(), deadline_s=15, what="the real ip.seen"
+    )
 
     async def two_dead_letters() -> list[aio_pika.abc.AbstractIncomingMessage] | None:
-        got = await drain_queue(pipeline.amqp_url, "geo.dead_letter")
+        got = await drain_queue(service_group.amqp_url, "geo.dead_letter")
         collected.extend(got)
         return collected if len(collected) >= 2 else None
 
@@ -311,19 +259,19 @@ async def test_copies_routed_around_the_topology_are_dead_lettered(pipeline: Pip
         "routing key 'geo.persistence.upsert' is not bound to geo.persistence.upsert",
         "routing key 'ip.seen' is not bound to geo.persistence.upsert",
     ]
-    assert "6.6.6.6" not in pipeline.rows()
-    assert pipeline.rows()["8.8.8.8"][0] == "US"
+    assert "6.6.6.6" not in service_group.rows()
+    assert service_group.rows()["8.8.8.8"][0] == "US"
 
 
 async def test_a_queue_with_other_arguments_stops_the_service_with_one_clear_line(
-    pipeline: Pipeline,
+    service_group: ServiceGroup,
 ) -> None:
     # e.g. left by an older version: RabbitMQ refuses to redeclare it with other arguments.
-    connection = await aio_pika.connect(pipeline.amqp_url)
+    connection = await aio_pika.connect(service_group.amqp_url)
     async with connection:
         channel = await connection.channel()
         await channel.declare_queue("geo.persistence.upsert", durable=True)
-    persistence = pipeline.start("persistence")
+    persistence = service_group.start("persistence")
     assert persistence.process is not None
     assert persistence.process.wait(timeout=20) == 1
     failed = [e for e in persistence.log_events() if e.get("event") == "service_start_failed"]

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from bangui_geo.testing.postgres import read_rows
+from bangui_geo.testing.rows import LEGACY_ROWS, LEGACY_TABLE, row
 from services.cli import main as cli
 from services.persistence.ports import GeoRepository
 from services.persistence.repository import SqliteGeoRepository
 from services.persistence.repository_pg import PostgresGeoRepository
 from shared.messages import GeoRow, Resolution
-from tests.integration.test_repository_contract import LEGACY_ROWS, LEGACY_TABLE, row
-from tests.postgres import read_rows
 
 pytestmark = pytest.mark.integration
 

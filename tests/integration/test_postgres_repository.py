@@ -9,10 +9,10 @@ import asyncio
 import psycopg
 import pytest
 
+from bangui_geo.testing.postgres import admin_url, read_rows
+from bangui_geo.testing.rows import row
 from services.persistence.repository_pg import PostgresGeoRepository
 from shared.errors import Transient
-from tests.integration.test_repository_contract import row
-from tests.postgres import admin_url, read_rows
 
 pytestmark = pytest.mark.integration
 

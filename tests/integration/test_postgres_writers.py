@@ -11,25 +11,24 @@ import json
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared.messages import iso_utc
-from tests.broker import BrokerAdmin
-from tests.integration.support import (
+from bangui_geo.testing import (
+    ServiceGroup,
     ServiceProcess,
     async_poll,
     drain_queue,
     events,
+    public_ips,
     publish,
     ready_count,
-    service_env,
     wait_for_topology,
 )
-from tests.integration.test_faults import distinct_public_ips
-from tests.postgres import read_rows
+from bangui_geo.testing.broker import BrokerAdmin
+from bangui_geo.testing.postgres import read_rows
+from shared.messages import iso_utc
 
 pytestmark = pytest.mark.integration
 
@@ -73,25 +72,8 @@ def batches(rows: list[Row]) -> list[dict[str, Any]]:
     return [{"batch_id": f"b{i}", "rows": rows[i : i + BATCH]} for i in range(0, len(rows), BATCH)]
 
 
-class Site:
-    """One host's pipeline: a vhost of its own and its persistence instances, one database."""
-
-    def __init__(self, name: str, amqp_url: str, pg_url: str, tmp_path: Path) -> None:
-        self.name = name
-        self.amqp_url = amqp_url
-        self.pg_url = pg_url
-        self.tmp_path = tmp_path
-        self.writers: list[ServiceProcess] = []
-
-    def start_writer(self) -> ServiceProcess:
-        env = service_env(self.amqp_url, self.tmp_path / "unused.sqlite3", GEO_DB_URL=self.pg_url)
-        log = self.tmp_path / f"{self.name}-persistence-{len(self.writers)}.log"
-        process = ServiceProcess("persistence", env, log).start()
-        self.writers.append(process)
-        return process
-
-    def applied(self) -> int:
-        return sum(len(events(w, "geo_upserts_applied")) for w in self.writers)
+def applied(writers: list[ServiceProcess]) -> int:
+    return sum(len(events(w, "geo_upserts_applied")) for w in writers)
 
 
 @pytest.fixture
@@ -104,32 +86,36 @@ def second_vhost(broker_admin: BrokerAdmin) -> Iterator[str]:
 
 
 async def test_two_active_writers_and_a_sigkill_lose_nothing_and_write_nothing_wrong(
-    amqp_url: str, second_vhost: str, pg_url: str, tmp_path: Path
+    service_group: ServiceGroup, second_vhost: str, pg_url: str
 ) -> None:
+    # Two hosts' pipelines, each on a vhost of its own with its persistence instances, and one
+    # database.
+    amqp_url = service_group.amqp_url
+    service_group.env["GEO_DB_URL"] = pg_url
     shuffle = random.Random(17).shuffle
-    ips = distinct_public_ips(IPS)
+    ips = public_ips(IPS, seed=6)
     every: list[Row] = [row for i, ip in enumerate(ips) for row in versions(ip, i % 7)]
     shuffle(every)
     half = len(every) // 2  # each IP's answers spread over both sites, in random order
-    site_a = Site("a", amqp_url, pg_url, tmp_path)
-    site_b = Site("b", second_vhost, pg_url, tmp_path)
-    active_a = site_a.start_writer()
-    site_b.start_writer()
-    await wait_for_topology(site_a.amqp_url)
-    await wait_for_topology(site_b.amqp_url)
-    standby_a = site_a.start_writer()  # waits: the queue keeps its single active consumer
-    for writer in site_a.writers + site_b.writers:
+    active_a = service_group.start("persistence", "a-persistence-0")
+    writers_b = [service_group.start("persistence", "b-persistence-0", amqp_url=second_vhost)]
+    await wait_for_topology(amqp_url)
+    await wait_for_topology(second_vhost)
+    # waits: the queue keeps its single active consumer
+    standby_a = service_group.start("persistence", "a-persistence-1")
+    writers_a = [active_a, standby_a]
+    for writer in writers_a + writers_b:
         await async_poll(
             lambda w=writer: events(w, "persistence_ready"), deadline_s=15, what="writer ready"
         )
 
     bodies_a, bodies_b = batches(every[:half]), batches(every[half:])
     publishing = asyncio.gather(
-        publish(site_a.amqp_url, "geo.upsert", [json.dumps(b) for b in bodies_a]),
-        publish(site_b.amqp_url, "geo.upsert", [json.dumps(b) for b in bodies_b]),
+        publish(amqp_url, "geo.upsert", [json.dumps(b) for b in bodies_a]),
+        publish(second_vhost, "geo.upsert", [json.dumps(b) for b in bodies_b]),
     )
     await async_poll(
-        lambda: site_a.applied() >= 5 and site_b.applied() >= 1,
+        lambda: applied(writers_a) >= 5 and applied(writers_b) >= 1,
         deadline_s=30,
         what="both sites writing",
     )
@@ -139,8 +125,8 @@ async def test_two_active_writers_and_a_sigkill_lose_nothing_and_write_nothing_w
     await publishing
 
     async def drained() -> bool:
-        queued = [await ready_count(s.amqp_url, "geo.persistence.upsert") for s in (site_a, site_b)]
-        return queued == [0, 0] and site_b.applied() >= len(bodies_b)
+        queued = [await ready_count(u, "geo.persistence.upsert") for u in (amqp_url, second_vhost)]
+        return queued == [0, 0] and applied(writers_b) >= len(bodies_b)
 
     await async_poll(drained, deadline_s=60, interval=0.5, what="both upsert queues drained")
     want = expected(every)
@@ -149,8 +135,8 @@ async def test_two_active_writers_and_a_sigkill_lose_nothing_and_write_nothing_w
     )
     assert len(want) == IPS
     assert events(standby_a, "geo_upserts_applied"), "the standby took over the writes"
-    for site in (site_a, site_b):
-        assert await drain_queue(site.amqp_url, "geo.dead_letter") == []
-    survivors = [standby_a, *site_b.writers]
+    for url in (amqp_url, second_vhost):
+        assert await drain_queue(url, "geo.dead_letter") == []
+    survivors = [standby_a, *writers_b]
     assert not any(events(w, "message_failed_twice") for w in survivors)
     assert all(w.stop() == 0 for w in survivors)

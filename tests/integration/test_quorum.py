@@ -8,41 +8,40 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.broker import BrokerAdmin
-from tests.integration.support import (
+from bangui_geo.testing import (
     DURABLE_QUEUES,
+    ServiceGroup,
     async_poll,
     drain_queue,
     events,
+    public_ips,
     publish,
     queue_details,
     ready_count,
     vhost_queues,
     wait_for_topology,
 )
-from tests.integration.test_faults import distinct_public_ips
-from tests.integration.test_pipeline import expected_row
-from tests.integration.test_scale_out import Replicas, logged
+from bangui_geo.testing.broker import BrokerAdmin
+from bangui_geo.testing.expected import expected_row
+from bangui_geo.testing.services import logged
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def quorum(amqp_url: str, tmp_path: Path) -> Iterator[Replicas]:
-    group = Replicas(amqp_url, tmp_path, GEO_QUEUE_TYPE="quorum")
-    yield group
-    for process in group.processes.values():
-        if process.running:
-            process.kill()
+def on_quorum_queues(group: ServiceGroup) -> ServiceGroup:
+    """``group`` with ``GEO_QUEUE_TYPE=quorum`` for every service it starts."""
+    group.env["GEO_QUEUE_TYPE"] = "quorum"
+    return group
 
 
-async def test_pipeline_on_quorum_queues(quorum: Replicas, broker_admin: BrokerAdmin) -> None:
+async def test_pipeline_on_quorum_queues(
+    service_group: ServiceGroup, broker_admin: BrokerAdmin
+) -> None:
+    quorum = on_quorum_queues(service_group)
     url = quorum.amqp_url
     writer = quorum.start("persistence", "persistence-1")
     await wait_for_topology(url)
@@ -64,7 +63,7 @@ async def test_pipeline_on_quorum_queues(quorum: Replicas, broker_admin: BrokerA
     assert len(private) == 2
     assert all(q["type"] == "classic" and q["exclusive"] for q in private)
 
-    ips = [*distinct_public_ips(6_000), "10.9.8.7", "::1", "2001:4860:4860::8888"]
+    ips = [*public_ips(6_000, seed=5), "10.9.8.7", "::1", "2001:4860:4860::8888"]
     expected = {ip: expected_row(ip) for ip in ips}
     bodies: list[Any] = [{"ip": ip} for ip in ips[:2_000]]
     bodies += [{"ips": ips[i : i + 1000]} for i in range(2_000, len(ips), 1000)]
@@ -110,7 +109,8 @@ async def test_pipeline_on_quorum_queues(quorum: Replicas, broker_admin: BrokerA
             assert process.stop() == 0, name
 
 
-async def test_timer_commands_expire_on_a_quorum_queue(quorum: Replicas) -> None:
+async def test_timer_commands_expire_on_a_quorum_queue(service_group: ServiceGroup) -> None:
+    quorum = on_quorum_queues(service_group)
     # Nobody consumes geo.persistence.re_resolve: each command lives one interval, then goes,
     # without a dead-letter exchange to pile into.
     timer = quorum.start(

@@ -6,21 +6,20 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
-from services.persistence.repository import SqliteGeoRepository
-from shared.messages import GeoRow, Resolution, iso_utc
-from tests.integration.support import (
-    ServiceProcess,
+from bangui_geo.testing import (
+    ServiceGroup,
     async_poll,
     publish,
     read_rows,
-    service_env,
     wait_for_topology,
 )
-from tests.ipapi_standin import IpApiStandIn, Outage, ThreadedStandIn, expected_geo, public_ips
+from bangui_geo.testing.ipapi_standin import IpApiStandIn, Outage, ThreadedStandIn, expected_geo
+from bangui_geo.testing.ips import known_public_ips
+from services.persistence.repository import SqliteGeoRepository
+from shared.messages import GeoRow, Resolution, iso_utc
 
 pytestmark = pytest.mark.integration
 
@@ -42,18 +41,16 @@ def tick(n: int) -> bytes:
 
 
 async def test_old_rows_are_refreshed_oldest_first_and_a_failed_refresh_keeps_them(
-    amqp_url: str, tmp_path: Path, stand_in: ThreadedStandIn
+    service_group: ServiceGroup, stand_in: ThreadedStandIn
 ) -> None:
-    db_path = tmp_path / "geo_cache.sqlite3"
-    ips = public_ips(7, seed=61)
+    amqp_url, db_path = service_group.amqp_url, service_group.db_path
+    ips = known_public_ips(7, seed=61)
     ages = [timedelta(days=d) for d in (10, 9, 8, 7, 6, 5)] + [timedelta(hours=1)]
     repository = await SqliteGeoRepository.open(db_path)
     await repository.upsert_many([old_row(ip, age) for ip, age in zip(ips, ages, strict=True)])
     await repository.close()
     before = read_rows(db_path)
-    env = service_env(
-        amqp_url,
-        db_path,
+    service_group.env.update(
         GEO_PROVIDER="ip-api",
         GEO_IPAPI_URL=stand_in.url,
         GEO_IPAPI_REQUESTS_PER_WINDOW="1000",
@@ -61,44 +58,37 @@ async def test_old_rows_are_refreshed_oldest_first_and_a_failed_refresh_keeps_th
         GEO_MAX_AGE="86400",
         GEO_REFRESH_PER_TICK="3",
     )
-    resolver = ServiceProcess("resolver", env, tmp_path / "resolver.log")
-    services = [ServiceProcess("persistence", env, tmp_path / "persistence.log"), resolver]
-    try:
-        for service in services:
-            service.start()
-        await wait_for_topology(amqp_url)
-        await publish(amqp_url, "geo.re_resolve", [tick(1)])  # no timer: one tick at a time
+    service_group.start("persistence")
+    resolver = service_group.start("resolver")
+    await wait_for_topology(amqp_url)
+    await publish(amqp_url, "geo.re_resolve", [tick(1)])  # no timer: one tick at a time
 
-        async def oldest_refreshed() -> bool:
-            rows = read_rows(db_path)
-            return all(rows[ip][6] == "ip-api" for ip in ips[:3])
-
-        await async_poll(oldest_refreshed, deadline_s=20, what="the 3 oldest rows refreshed")
+    async def oldest_refreshed() -> bool:
         rows = read_rows(db_path)
-        for ip in ips[:3]:
-            geo = expected_geo(ip)
-            assert geo is not None
-            assert rows[ip][0] == geo.country_code
-            assert rows[ip][4] > before[ip][4]
-        assert {ip: rows[ip] for ip in ips[3:]} == {ip: before[ip] for ip in ips[3:]}
+        return all(rows[ip][6] == "ip-api" for ip in ips[:3])
 
-        stand_in.set_outage(Outage.UNAVAILABLE)
-        failed_from = len(stand_in.records())
-        await publish(amqp_url, "geo.re_resolve", [tick(2)])
+    await async_poll(oldest_refreshed, deadline_s=20, what="the 3 oldest rows refreshed")
+    rows = read_rows(db_path)
+    for ip in ips[:3]:
+        geo = expected_geo(ip)
+        assert geo is not None
+        assert rows[ip][0] == geo.country_code
+        assert rows[ip][4] > before[ip][4]
+    assert {ip: rows[ip] for ip in ips[3:]} == {ip: before[ip] for ip in ips[3:]}
 
-        def refresh_ran() -> bool:
-            return any(
-                e.get("event") == "geo_refresh_ran" and e.get("tick_id") == "re_resolve:2"
-                for e in resolver.log_events()
-            )
+    stand_in.set_outage(Outage.UNAVAILABLE)
+    failed_from = len(stand_in.records())
+    await publish(amqp_url, "geo.re_resolve", [tick(2)])
 
-        await async_poll(refresh_ran, deadline_s=20, what="the second refresh")
-        asked = {ip for r in stand_in.records()[failed_from:] for ip in r.ips}
-        assert asked == set(ips[3:6])  # the next oldest; the fresh row is never refreshed
-        assert {ip: read_rows(db_path)[ip] for ip in ips[3:]} == {ip: before[ip] for ip in ips[3:]}
-        assert [s.stop() for s in services] == [0, 0]
-    finally:
-        for service in services:
-            if service.running:
-                service.kill()
+    def refresh_ran() -> bool:
+        return any(
+            e.get("event") == "geo_refresh_ran" and e.get("tick_id") == "re_resolve:2"
+            for e in resolver.log_events()
+        )
+
+    await async_poll(refresh_ran, deadline_s=20, what="the second refresh")
+    asked = {ip for r in stand_in.records()[failed_from:] for ip in r.ips}
+    assert asked == set(ips[3:6])  # the next oldest; the fresh row is never refreshed
+    assert {ip: read_rows(db_path)[ip] for ip in ips[3:]} == {ip: before[ip] for ip in ips[3:]}
+    assert service_group.stop_all() == {"resolver": 0, "persistence": 0}
     assert {ip: read_rows(db_path)[ip] for ip in ips[3:]} == {ip: before[ip] for ip in ips[3:]}

@@ -8,50 +8,21 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from bangui_geo.testing.postgres import read_rows
+from bangui_geo.testing.rows import LEGACY_ROWS, LEGACY_TABLE, T0, row
 from services.persistence.ports import GeoRepository, RetryBackoff, Sightings
 from services.persistence.repository import SqliteGeoRepository
 from services.persistence.repository_pg import PostgresGeoRepository
-from shared.messages import GeoRow, Resolution, iso_utc
-from tests.postgres import read_rows
+from shared.messages import Resolution, iso_utc
 
 pytestmark = pytest.mark.integration
-
-T0 = datetime(2027, 1, 15, 8, 0, tzinfo=UTC)
-LEGACY_TABLE = (
-    "CREATE TABLE geo_cache (ip TEXT PRIMARY KEY, country_code TEXT, country_name TEXT,"
-    " asn TEXT, org TEXT, cached_at TEXT NOT NULL)"
-)
-LEGACY_ROWS = [
-    ("8.8.8.8", "US", "United States", "AS15169", "Google LLC", "2024-01-01 00:00"),
-    ("9.9.9.9", None, None, None, None, "2024-01-01 00:00"),
-]
-
-
-def row(
-    ip: str,
-    code: str | None = "US",
-    *,
-    minutes: int = 0,
-    resolution: Resolution | None = None,
-    provider: str | None = "embedded",
-) -> GeoRow:
-    if resolution is None:
-        resolution = Resolution.RESOLVED if code else Resolution.FAILED
-    return GeoRow(
-        ip=ip,
-        resolution=resolution,
-        cached_at=iso_utc(T0 + timedelta(minutes=minutes)),
-        country_code=code,
-        country_name={"US": "United States", "DE": "Germany"}.get(code or ""),
-        provider=provider,
-    )
 
 
 @dataclass

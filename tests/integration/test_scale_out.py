@@ -1,100 +1,38 @@
 """Scale out on one broker: two resolvers, two timers and two persistence instances on one
-SQLite file. The resolvers compete for ``ip.seen``, every resolver gets every ``geo.flush``, one
-timer publishes, one persistence writes while the other waits, and SIGKILLing the writer
-mid-stream hands its queues to the standby with nothing lost."""
+database (SQLite, then PostgreSQL). The resolvers compete for ``ip.seen``, every resolver gets
+every ``geo.flush``, one timer publishes, one persistence writes while the other waits, and
+SIGKILLing the writer mid-stream hands its queues to the standby with nothing lost."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
-import aio_pika
 import pytest
 
-from tests.broker import BrokerAdmin
-from tests.integration.support import (
-    ServiceProcess,
+from bangui_geo.testing import (
+    ServiceGroup,
     async_poll,
     drain_queue,
     events,
     local_tcp_ports,
+    public_ips,
     publish,
     queue_details,
-    read_rows,
-    service_env,
     vhost_queues,
     wait_for_topology,
 )
-from tests.integration.test_faults import distinct_public_ips
-from tests.integration.test_pipeline import expected_row
+from bangui_geo.testing.amqp import FlushTap
+from bangui_geo.testing.broker import BrokerAdmin
+from bangui_geo.testing.expected import expected_row
+from bangui_geo.testing.services import logged
 
 pytestmark = pytest.mark.integration
 
 FLUSH = 0.5
 TOTAL = 20_000
-
-
-class Replicas:
-    """Service processes started by their contract commands, several of each kind."""
-
-    def __init__(self, amqp_url: str, tmp_path: Path, **env: str) -> None:
-        self.amqp_url = amqp_url
-        self.db_path = tmp_path / "geo_cache.sqlite3"
-        self.tmp_path = tmp_path
-        self.env = env
-        self.processes: dict[str, ServiceProcess] = {}
-
-    def start(self, service: str, name: str, **env: str) -> ServiceProcess:
-        overrides = {"GEO_FLUSH_INTERVAL": str(FLUSH), **self.env, **env}
-        env = service_env(self.amqp_url, self.db_path, **overrides)
-        process = ServiceProcess(service, env, self.tmp_path / f"{name}.log").start()
-        self.processes[name] = process
-        return process
-
-    def rows(self) -> dict[str, tuple[Any, ...]]:
-        return read_rows(self.db_path)
-
-
-@pytest.fixture
-def replicas(amqp_url: str, tmp_path: Path) -> Iterator[Replicas]:
-    group = Replicas(amqp_url, tmp_path)
-    yield group
-    for process in group.processes.values():
-        if process.running:
-            process.kill()
-
-
-class FlushTap:
-    """A private queue bound to ``geo.flush``: every command the timers send, with its arrival."""
-
-    def __init__(self) -> None:
-        self.ticks: list[tuple[float, str]] = []
-
-    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        self.ticks.append((time.monotonic(), json.loads(message.body)["tick_id"]))
-        await message.ack()
-
-
-@pytest.fixture
-async def flush_tap(amqp_url: str) -> AsyncIterator[FlushTap]:
-    connection = await aio_pika.connect(amqp_url)
-    channel = await connection.channel()
-    exchange = await channel.declare_exchange("bangui", "topic", durable=True)
-    queue = await channel.declare_queue("test.flush_tap", exclusive=True)
-    await queue.bind(exchange, "geo.flush")
-    tap = FlushTap()
-    await queue.consume(tap.on_message)
-    yield tap
-    await connection.close()
-
-
-async def logged(process: ServiceProcess, event: str, what: str, deadline_s: float = 15) -> None:
-    await async_poll(lambda: events(process, event), deadline_s=deadline_s, what=what)
 
 
 def mixed_bodies(ips: list[str]) -> list[dict[str, Any]]:
@@ -112,14 +50,15 @@ def mixed_bodies(ips: list[str]) -> list[dict[str, Any]]:
 
 
 async def test_two_of_each_service_share_the_work_and_the_standby_writer_takes_over(
-    replicas: Replicas, flush_tap: FlushTap, broker_admin: BrokerAdmin
+    any_store: ServiceGroup, flush_tap: FlushTap, broker_admin: BrokerAdmin
 ) -> None:
-    url = replicas.amqp_url
+    any_store.env["GEO_FLUSH_INTERVAL"] = str(FLUSH)
+    url = any_store.amqp_url
     started = time.monotonic()
-    persistences = [replicas.start("persistence", f"persistence-{i}") for i in (1, 2)]
+    persistences = [any_store.start("persistence", f"persistence-{i}") for i in (1, 2)]
     await wait_for_topology(url)
-    resolvers = [replicas.start("resolver", f"resolver-{i}") for i in (1, 2)]
-    timers = [replicas.start("timer", f"timer-{i}") for i in (1, 2)]
+    resolvers = [any_store.start("resolver", f"resolver-{i}") for i in (1, 2)]
+    timers = [any_store.start("timer", f"timer-{i}") for i in (1, 2)]
     for persistence in persistences:
         await logged(persistence, "persistence_ready", "both persistence instances ready")
     for resolver in resolvers:
@@ -170,16 +109,16 @@ async def test_two_of_each_service_share_the_work_and_the_standby_writer_takes_o
     ]
     (standby,) = [p for p in persistences if p is not writer]
 
-    ips = distinct_public_ips(TOTAL - 20)
+    ips = public_ips(TOTAL - 20, seed=4)
     ips += [f"10.77.0.{i}" for i in range(1, 11)] + [f"fd00::{i:x}" for i in range(1, 11)]
     expected = {ip: expected_row(ip) for ip in ips}
     publisher = asyncio.create_task(publish(url, "ip.seen", mixed_bodies(ips)))
 
     # Mid-stream: the broker's active consumer is the one that has applied upserts.
-    await async_poll(lambda: len(replicas.rows()) >= 4_000, deadline_s=30, what="4,000 rows")
+    await async_poll(lambda: len(any_store.rows()) >= 4_000, deadline_s=30, what="4,000 rows")
     assert events(writer, "geo_upserts_applied")
     assert not events(standby, "geo_upserts_applied"), "the standby wrote while the writer lived"
-    rows_at_kill = len(replicas.rows())
+    rows_at_kill = len(any_store.rows())
     assert rows_at_kill < len(ips), "the stream ended before the writer could be killed"
     writer.kill()
     killed_at = time.monotonic()
@@ -189,7 +128,7 @@ async def test_two_of_each_service_share_the_work_and_the_standby_writer_takes_o
     await publisher
 
     def summary() -> dict[str, tuple[Any, ...]]:
-        return {ip: (r[0], r[1], r[5]) for ip, r in replicas.rows().items()}
+        return {ip: (r[0], r[1], r[5]) for ip, r in any_store.rows().items()}
 
     await async_poll(
         lambda: summary() == expected,
@@ -197,7 +136,7 @@ async def test_two_of_each_service_share_the_work_and_the_standby_writer_takes_o
         interval=0.5,
         what=f"exactly the {len(expected)} expected rows",
     )
-    assert len(replicas.rows()) == len(ips)
+    assert len(any_store.rows()) == len(ips)
     assert await drain_queue(url, "geo.dead_letter") == []
 
     # Competing consumers: both resolvers resolved and flushed part of the stream.
@@ -220,7 +159,7 @@ async def test_two_of_each_service_share_the_work_and_the_standby_writer_takes_o
     assert len(arrived) - 1 <= window / FLUSH + 1
     assert triggers[0] | triggers[1] <= set(arrived)
 
-    survivors = [p for p in replicas.processes.values() if p is not writer]
+    survivors = [p for p in any_store.processes.values() if p is not writer]
     assert all(p.running for p in survivors)
     for process in survivors:
         assert process.stop() == 0, process.log_path.name

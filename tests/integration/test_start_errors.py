@@ -6,13 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.integration.support import REPO_ROOT, service_env
+from bangui_geo.testing import REPO_ROOT, service_env
 
 pytestmark = pytest.mark.integration
 
@@ -85,41 +84,3 @@ def test_the_cli_says_a_refused_login_is_a_bad_setting(amqp_url: str, tmp_path: 
     assert len(done.stderr.splitlines()) == 1
     assert "login refused (check the user and password)" in done.stderr
     assert SECRET not in done.stderr
-
-
-def not_a_database(path: Path) -> Path:
-    path.write_text("[Definition]\nlogtarget = /var/log/fail2ban.log\n")
-    return path
-
-
-def a_folder(path: Path) -> Path:
-    path.mkdir()
-    return path
-
-
-def under_a_file(path: Path) -> Path:
-    path.write_text("")
-    return path / "data" / "geo.sqlite3"
-
-
-@pytest.mark.parametrize(
-    ("make", "says"),
-    [
-        (not_a_database, "{db} is not a SQLite database (file is not a database)"),
-        (a_folder, "{db} is a folder, not a database file"),
-        (under_a_file, "cannot create the folder {parent}: Not a directory"),
-    ],
-    ids=["not-a-database", "a-folder", "folder-under-a-file"],
-)
-def test_an_unusable_database_path_is_one_settings_line(
-    make: Callable[[Path], Path], says: str, tmp_path: Path
-) -> None:
-    db = make(tmp_path / "geo.sqlite3")
-    before = db.read_bytes() if db.is_file() else None
-    # No broker is needed (or reached): the path is checked first.
-    done, _ = start("persistence", service_env("amqp://guest:guest@127.0.0.1:1/", db))
-    assert done.returncode == 2, done.stderr
-    message = says.format(db=db, parent=db.parent)
-    assert done.stderr.splitlines() == [f"persistence: invalid setting GEO_DB_PATH: {message}"]
-    if before is not None:
-        assert db.read_bytes() == before  # looked at, never written

@@ -9,13 +9,12 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aio_pika
 import pytest
 
-from tests.broker import BrokerAdmin
-from tests.integration.support import ServiceProcess, async_poll, service_env
+from bangui_geo.testing import ServiceGroup, ServiceProcess, async_poll
+from bangui_geo.testing.broker import BrokerAdmin
 
 pytestmark = pytest.mark.integration
 
@@ -60,15 +59,14 @@ async def tap(amqp_url: str) -> AsyncIterator[tuple[Tap, aio_pika.abc.AbstractQu
     await connection.close()
 
 
-def start_timer(amqp_url: str, tmp_path: Path, name: str) -> ServiceProcess:
-    env = service_env(
-        amqp_url,
-        tmp_path / "unused.sqlite3",
+def start_timer(group: ServiceGroup, name: str) -> ServiceProcess:
+    return group.start(
+        "timer",
+        name,
         GEO_FLUSH_INTERVAL=str(FLUSH),
         GEO_RE_RESOLVE_INTERVAL=str(RE_RESOLVE),
         GEO_LOG_LEVEL="debug",  # each tick is logged at debug
     )
-    return ServiceProcess("timer", env, tmp_path / f"{name}.log").start()
 
 
 def tick_epochs(ticks: list[str]) -> list[float]:
@@ -76,10 +74,10 @@ def tick_epochs(ticks: list[str]) -> list[float]:
 
 
 async def test_fixed_cadence_tick_ids_and_ttl(
-    amqp_url: str, tmp_path: Path, tap: tuple[Tap, aio_pika.abc.AbstractQueue]
+    amqp_url: str, service_group: ServiceGroup, tap: tuple[Tap, aio_pika.abc.AbstractQueue]
 ) -> None:
     recorder, _ = tap
-    timer = start_timer(amqp_url, tmp_path, "timer")
+    timer = start_timer(service_group, "timer")
     await async_poll(
         lambda: len(recorder.ticks("geo.re_resolve")) >= 2, deadline_s=15, what="two re_resolves"
     )
@@ -100,14 +98,16 @@ async def test_fixed_cadence_tick_ids_and_ttl(
     assert expirations == {("geo.flush", FLUSH), ("geo.re_resolve", RE_RESOLVE)}
 
 
-async def test_stale_commands_expire_instead_of_piling_up(amqp_url: str, tmp_path: Path) -> None:
+async def test_stale_commands_expire_instead_of_piling_up(
+    amqp_url: str, service_group: ServiceGroup
+) -> None:
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel()
         exchange = await channel.declare_exchange("bangui", "topic", durable=True)
         queue = await channel.declare_queue("test.nobody_consumes", exclusive=True)
         await queue.bind(exchange, "geo.flush")
-        timer = start_timer(amqp_url, tmp_path, "timer")
+        timer = start_timer(service_group, "timer")
 
         def flush_ticks() -> list[dict[str, object]]:
             return [
@@ -129,12 +129,12 @@ async def test_stale_commands_expire_instead_of_piling_up(amqp_url: str, tmp_pat
 
 
 async def test_one_active_timer_and_takeover(
-    amqp_url: str, tmp_path: Path, tap: tuple[Tap, aio_pika.abc.AbstractQueue]
+    amqp_url: str, service_group: ServiceGroup, tap: tuple[Tap, aio_pika.abc.AbstractQueue]
 ) -> None:
     recorder, _ = tap
-    leader = start_timer(amqp_url, tmp_path, "leader")
+    leader = start_timer(service_group, "leader")
     await async_poll(lambda: len(recorder.ticks("geo.flush")) >= 1, deadline_s=10, what="a tick")
-    standby = start_timer(amqp_url, tmp_path, "standby")
+    standby = start_timer(service_group, "standby")
     await async_poll(
         lambda: any(e.get("event") == "timer_standby_waiting" for e in standby.log_events()),
         deadline_s=10,
@@ -165,16 +165,16 @@ async def test_one_active_timer_and_takeover(
 async def test_a_leader_cut_off_steps_down_when_it_finds_another_leading(
     amqp_url: str,
     broker_admin: BrokerAdmin,
-    tmp_path: Path,
+    service_group: ServiceGroup,
     tap: tuple[Tap, aio_pika.abc.AbstractQueue],
 ) -> None:
     """The broker drops the lock with the leader's connection; a standby takes it. When the old
     leader's connection comes back it must not fight for the lock (a restore of the exclusive
     queue would fail its every reconnect) nor tick alongside: it becomes the standby."""
     recorder, _ = tap
-    first = start_timer(amqp_url, tmp_path, "first")
+    first = start_timer(service_group, "first")
     await async_poll(lambda: len(recorder.ticks("geo.flush")) >= 1, deadline_s=10, what="a tick")
-    second = start_timer(amqp_url, tmp_path, "second")
+    second = start_timer(service_group, "second")
     await async_poll(
         lambda: has_event(second, "timer_standby_waiting"), deadline_s=10, what="second on standby"
     )
@@ -246,15 +246,12 @@ def timer_connection_name(process: ServiceProcess) -> str:
 
 
 async def test_a_healthy_timer_is_quiet_at_info(
-    amqp_url: str, tmp_path: Path, tap: tuple[Tap, aio_pika.abc.AbstractQueue]
+    amqp_url: str, service_group: ServiceGroup, tap: tuple[Tap, aio_pika.abc.AbstractQueue]
 ) -> None:
     """Ticks go to debug; at info a timer says it leads and then one summary line per cadence
     and minute, not a line per tick."""
     recorder, _ = tap
-    env = service_env(
-        amqp_url, tmp_path / "unused.sqlite3", GEO_FLUSH_INTERVAL="0.05", GEO_LOG_LEVEL="info"
-    )
-    timer = ServiceProcess("timer", env, tmp_path / "quiet.log").start()
+    timer = service_group.start("timer", "quiet", GEO_FLUSH_INTERVAL="0.05", GEO_LOG_LEVEL="info")
     await async_poll(
         lambda: len(recorder.ticks("geo.flush")) >= 40, deadline_s=20, what="40 flush commands"
     )

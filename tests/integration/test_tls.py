@@ -24,21 +24,21 @@ from urllib.parse import quote
 
 import pytest
 
-from shared.amqp import BrokerUnreachable, connect_once
-from shared.client import GeoPublisher
-from tests.integration.rabbit_nodes import Node, prepare_home
-from tests.integration.support import (
+from bangui_geo.testing import (
     REPO_ROOT,
+    ServiceGroup,
     ServiceProcess,
     async_poll,
     events,
     local_tcp_ports,
+    public_ips,
     read_rows,
-    service_env,
 )
-from tests.integration.test_faults import distinct_public_ips
-from tests.integration.test_pipeline import expected_row
-from tests.integration.test_scale_out import logged
+from bangui_geo.testing.expected import expected_row
+from bangui_geo.testing.services import logged
+from shared.amqp import BrokerUnreachable, connect_once
+from shared.client import GeoPublisher
+from tests.integration.rabbit_nodes import Node, prepare_home
 
 pytestmark = pytest.mark.integration
 
@@ -181,80 +181,76 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
 
 
 async def test_services_and_publishers_work_over_amqps(
-    tls_broker: TlsBroker, tmp_path: Path
+    tls_broker: TlsBroker, service_group: ServiceGroup
 ) -> None:
     pki = tls_broker.pki
     url = tls_broker.url(cafile=pki.ca.cert)
     with_client_cert = tls_broker.url(
         cafile=pki.ca.cert, certfile=pki.client.cert, keyfile=pki.client.key
     )
-    db_path = tmp_path / "geo_cache.sqlite3"
+    db_path = service_group.db_path
     services: dict[str, ServiceProcess] = {}
-    try:
-        for name in ("persistence", "resolver", "timer"):
-            env = service_env(with_client_cert if name == "persistence" else url, db_path)
-            services[name] = ServiceProcess(name, env, tmp_path / f"{name}.log").start()
-        await logged(services["persistence"], "persistence_ready", "persistence ready", 20)
-        await logged(services["resolver"], "resolver_ready", "resolver ready", 20)
-        await logged(services["timer"], "timer_leading", "timer leading", 20)
-        for name, process in services.items():
-            (connected,) = events(process, "amqp_connected")
-            assert connected["broker"] == tls_broker.endpoint, (name, connected)
-
-        # The broker's view: every connection is TLS, and the persistence one presented the
-        # client certificate its URL names (the connections are matched to the processes by
-        # their local ports).
-        listed = json.loads(
-            await asyncio.to_thread(
-                tls_broker.node.ctl,
-                *("list_connections", "peer_port", "ssl", "ssl_protocol", "peer_cert_subject"),
-                *("--formatter", "json"),
-            )
+    for name in ("persistence", "resolver", "timer"):
+        services[name] = service_group.start(
+            name, amqp_url=with_client_cert if name == "persistence" else url
         )
-        assert listed, "the broker lists no connection"
-        assert all(c["ssl"] is True for c in listed), listed
-        for name, process in services.items():
-            assert process.process is not None
-            ports = local_tcp_ports(process.process.pid)
-            mine = [c for c in listed if c["peer_port"] in ports]
-            assert len(mine) == 1, (name, ports, listed)
-            assert mine[0]["ssl_protocol"] in ("tlsv1.2", "tlsv1.3"), mine
-            subject = CLIENT_SUBJECT if name == "persistence" else ""
-            assert mine[0]["peer_cert_subject"] == subject, (name, mine)
+    await logged(services["persistence"], "persistence_ready", "persistence ready", 20)
+    await logged(services["resolver"], "resolver_ready", "resolver ready", 20)
+    await logged(services["timer"], "timer_leading", "timer leading", 20)
+    for name, process in services.items():
+        (connected,) = events(process, "amqp_connected")
+        assert connected["broker"] == tls_broker.endpoint, (name, connected)
 
-        ips = distinct_public_ips(600)
-        by_cli, by_client = ips[:300], ips[300:]
-        # The CLI, given the URL as --amqp-url (its environment names a dead broker).
-        cli_env = service_env("amqp://guest:guest@127.0.0.1:1/", db_path)
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "services.cli", "publish", "--amqp-url", url, *by_cli],
-            cwd=REPO_ROOT,
-            env=cli_env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+    # The broker's view: every connection is TLS, and the persistence one presented the
+    # client certificate its URL names (the connections are matched to the processes by
+    # their local ports).
+    listed = json.loads(
+        await asyncio.to_thread(
+            tls_broker.node.ctl,
+            *("list_connections", "peer_port", "ssl", "ssl_protocol", "peer_cert_subject"),
+            *("--formatter", "json"),
         )
-        assert done.returncode == 0, done.stderr
-        assert "published 300 IPs as ip.seen" in done.stdout, done.stdout
-        # shared.client, with a client certificate.
-        async with GeoPublisher.connect(with_client_cert, connect_timeout=5) as geo:
-            assert await geo.publish_seen(by_client, source="tls-test") == 300
+    )
+    assert listed, "the broker lists no connection"
+    assert all(c["ssl"] is True for c in listed), listed
+    for name, process in services.items():
+        assert process.process is not None
+        ports = local_tcp_ports(process.process.pid)
+        mine = [c for c in listed if c["peer_port"] in ports]
+        assert len(mine) == 1, (name, ports, listed)
+        assert mine[0]["ssl_protocol"] in ("tlsv1.2", "tlsv1.3"), mine
+        subject = CLIENT_SUBJECT if name == "persistence" else ""
+        assert mine[0]["peer_cert_subject"] == subject, (name, mine)
 
-        expected = {ip: expected_row(ip) for ip in ips}
+    ips = public_ips(600, seed=8)
+    by_cli, by_client = ips[:300], ips[300:]
+    # The CLI, given the URL as --amqp-url (its environment names a dead broker).
+    cli_env = service_group.env_for("amqp://guest:guest@127.0.0.1:1/")
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "services.cli", "publish", "--amqp-url", url, *by_cli],
+        cwd=REPO_ROOT,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "published 300 IPs as ip.seen" in done.stdout, done.stdout
+    # shared.client, with a client certificate.
+    async with GeoPublisher.connect(with_client_cert, connect_timeout=5) as geo:
+        assert await geo.publish_seen(by_client, source="tls-test") == 300
 
-        def complete() -> bool:
-            rows = read_rows(db_path)
-            return {ip: (r[0], r[1], r[5]) for ip, r in rows.items()} == expected
+    expected = {ip: expected_row(ip) for ip in ips}
 
-        await async_poll(complete, deadline_s=20, interval=0.25, what="600 rows over TLS")
-        for name, process in services.items():
-            assert process.stop() == 0, name
-    finally:
-        for process in services.values():
-            if process.running:
-                process.kill()
+    def complete() -> bool:
+        rows = read_rows(db_path)
+        return {ip: (r[0], r[1], r[5]) for ip, r in rows.items()} == expected
+
+    await async_poll(complete, deadline_s=20, interval=0.25, what="600 rows over TLS")
+    for name, process in services.items():
+        assert process.stop() == 0, name
 
 
 async def refusal(url: str) -> str:
@@ -313,26 +309,23 @@ async def test_plain_amqp_and_untrusted_certificates_are_refused(tls_broker: Tls
 
 
 async def test_a_service_given_the_wrong_ca_says_so_instead_of_hanging(
-    tls_broker: TlsBroker, tmp_path: Path
+    tls_broker: TlsBroker, service_group: ServiceGroup
 ) -> None:
     url = tls_broker.url(cafile=tls_broker.pki.other_ca.cert)
-    env = service_env(url, tmp_path / "geo_cache.sqlite3")
-    resolver = ServiceProcess("resolver", env, tmp_path / "resolver.log").start()
-    try:
-        # The first attempt fails at the handshake at once (not after the 10 s connect
-        # timeout), and the log line says why; the service keeps to its bounded retries.
-        def verify_failures() -> list[str]:
-            return [
-                str(e.get("error"))
-                for e in events(resolver, "amqp_connect_failed")
-                if "CERTIFICATE_VERIFY_FAILED" in str(e.get("error"))
-            ]
+    resolver = service_group.start("resolver", amqp_url=url)
 
-        failures = await async_poll(
-            verify_failures, deadline_s=8, what="amqp_connect_failed naming the certificate"
-        )
-        assert "certificate verify failed" in failures[0], failures[0]
-        assert not events(resolver, "amqp_connected")
-        assert resolver.running, "the service gave up at once instead of retrying"
-    finally:
-        resolver.kill()
+    # The first attempt fails at the handshake at once (not after the 10 s connect
+    # timeout), and the log line says why; the service keeps to its bounded retries.
+    def verify_failures() -> list[str]:
+        return [
+            str(e.get("error"))
+            for e in events(resolver, "amqp_connect_failed")
+            if "CERTIFICATE_VERIFY_FAILED" in str(e.get("error"))
+        ]
+
+    failures = await async_poll(
+        verify_failures, deadline_s=8, what="amqp_connect_failed naming the certificate"
+    )
+    assert "certificate verify failed" in failures[0], failures[0]
+    assert not events(resolver, "amqp_connected")
+    assert resolver.running, "the service gave up at once instead of retrying"

@@ -7,24 +7,23 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime
-from pathlib import Path
 from urllib.parse import quote
 
 import aio_pika
 import pytest
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
 
-from tests.broker import BrokerAdmin
-from tests.integration.deployment import Deployment, management
-from tests.integration.support import (
+from bangui_geo.testing import (
+    ServiceGroup,
     ServiceProcess,
     async_poll,
     events,
     publish,
     read_rows,
-    service_env,
     vhost_of,
 )
+from bangui_geo.testing.broker import BrokerAdmin
+from tests.integration.deployment import Deployment, management
 
 pytestmark = pytest.mark.integration
 
@@ -65,13 +64,10 @@ def wait_exit(process: ServiceProcess, timeout: float) -> int:
 
 
 async def test_a_deleted_exchange_and_its_bindings_are_restored(
-    amqp_url: str, broker_admin: BrokerAdmin, tmp_path: Path
+    amqp_url: str, broker_admin: BrokerAdmin, service_group: ServiceGroup
 ) -> None:
-    db_path = tmp_path / "geo.sqlite3"
-    processes = {
-        name: ServiceProcess(name, service_env(amqp_url, db_path), tmp_path / f"{name}.log").start()
-        for name in ("persistence", "resolver", "timer")
-    }
+    db_path = service_group.db_path
+    processes = {name: service_group.start(name) for name in ("persistence", "resolver", "timer")}
     try:
         await async_poll(
             lambda: events(processes["resolver"], "resolver_ready"), deadline_s=20, what="ready"
@@ -120,12 +116,10 @@ def _epoch(event: dict[str, object]) -> float:
 
 
 async def test_a_deleted_binding_of_its_own_queue_is_restored_with_the_deployments_user(
-    deployment: Deployment, tmp_path: Path
+    deployment: Deployment, service_group: ServiceGroup
 ) -> None:
-    db_path = tmp_path / "geo.sqlite3"
-    persistence = ServiceProcess(
-        "persistence", service_env(deployment.url(PERSISTENCE), db_path), tmp_path / "p.log"
-    ).start()
+    db_path = service_group.db_path
+    persistence = service_group.start("persistence", amqp_url=deployment.url(PERSISTENCE))
     try:
         await async_poll(
             lambda: events(persistence, "persistence_ready"), deadline_s=20, what="ready"
@@ -145,13 +139,9 @@ async def test_a_deleted_binding_of_its_own_queue_is_restored_with_the_deploymen
 
 
 async def test_a_deleted_exchange_stops_a_service_that_may_not_create_it(
-    deployment: Deployment, tmp_path: Path
+    deployment: Deployment, service_group: ServiceGroup
 ) -> None:
-    persistence = ServiceProcess(
-        "persistence",
-        service_env(deployment.url(PERSISTENCE), tmp_path / "geo.sqlite3"),
-        tmp_path / "p.log",
-    ).start()
+    persistence = service_group.start("persistence", amqp_url=deployment.url(PERSISTENCE))
     try:
         await async_poll(
             lambda: events(persistence, "persistence_ready"), deadline_s=20, what="ready"
@@ -173,14 +163,10 @@ async def test_a_deleted_exchange_stops_a_service_that_may_not_create_it(
 
 
 async def test_a_missing_queue_stops_the_start_with_one_line(
-    deployment: Deployment, tmp_path: Path
+    deployment: Deployment, service_group: ServiceGroup
 ) -> None:
     delete(deployment.admin, deployment.vhost, "queues", "geo.persistence.upsert")
-    persistence = ServiceProcess(
-        "persistence",
-        service_env(deployment.url(PERSISTENCE), tmp_path / "geo.sqlite3"),
-        tmp_path / "p.log",
-    ).start()
+    persistence = service_group.start("persistence", amqp_url=deployment.url(PERSISTENCE))
     code = await asyncio.to_thread(wait_exit, persistence, 30)
     assert code == 1
     (failed,) = events(persistence, "service_start_failed")

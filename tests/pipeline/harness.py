@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import aio_pika
 
+from bangui_geo.testing import drain_queue, read_rows, wait_for_topology
 from services.persistence import bootstrap as persistence
 from services.persistence.stores import open_repository
 from services.resolver import bootstrap as resolver
@@ -26,7 +27,6 @@ from shared.amqp.memory import MemoryBroker, MemoryRequester
 from shared.amqp.requests import Requester
 from shared.settings import Settings
 from shared.transport import OpenTransport, open_amqp
-from tests.integration.support import drain_queue, read_rows, wait_for_topology
 
 Body = bytes | Mapping[str, Any]
 

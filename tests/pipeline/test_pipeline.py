@@ -12,12 +12,12 @@ from typing import Any, cast
 import iptocc
 import pycountry
 
+from bangui_geo.testing import async_poll
 from services.persistence.ports import GeoRepository
 from services.persistence.stores import open_repository
 from shared.ipnorm import is_routable, normalize_ip
 from shared.messages import GeoLookupReply, GeoRow, Resolution, iso_utc_from_epoch
 from shared.settings import Settings
-from tests.integration.support import async_poll
 from tests.pipeline.harness import DeadLetter, Pipeline
 
 

@@ -8,8 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from shared.settings import Settings
-from tests.unit.test_deploy_files import environment_of, interpolated, read_env_file
-from tests.unit.test_deploy_files import raw_compose as raw_compose  # the fixture
+from tests.compose_files import environment_of, interpolated, read_env_file
 
 POSTGRES_ENV = Path(__file__).resolve().parents[2] / "deploy" / "postgres" / "postgres.env"
 

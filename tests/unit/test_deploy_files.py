@@ -16,7 +16,7 @@ import json
 import re
 import shlex
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
@@ -25,12 +25,12 @@ from urllib.parse import unquote, urlsplit
 
 import jsonschema
 import pytest
-import yaml
 from aio_pika.abc import ExchangeType
 
 from shared import lifecycle, topology
 from shared.amqp import declare_topology
 from shared.settings import Settings
+from tests.compose_files import environment_of, interpolated, read_env_file
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -63,58 +63,6 @@ DEV_PASSWORDS = {user: f"dev-only-{user}" for user in [*SERVICE_USERS.values(), 
 
 # --- loading the files ------------------------------------------------------------------------
 
-# The innermost braced expression: nested ones (${A:-${B}}) are resolved from the inside out.
-_VARIABLE = re.compile(r"\$(?:\$|\{(?P<braced>[^{}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
-_ESCAPED_DOLLAR = "\0"
-
-
-def interpolate(text: str, env: Mapping[str, str]) -> str:
-    """Compose's variable interpolation: ${V}, ${V:-default}, ${V-default}, ${V:?err}, $$, and
-    nested expressions such as ${V:-${W:-default}}."""
-
-    def substitute(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        expression = match.group("braced") or match.group("bare")
-        parts = re.fullmatch(r"(\w+)(:-|-|:\?|\?|:\+|\+)?(.*)", expression, re.DOTALL)
-        assert parts is not None, f"bad interpolation: {match.group(0)}"
-        name, operator, argument = parts.groups()
-        value = env.get(name)
-        if value is not None:  # a value is used as it is, never interpolated again
-            value = value.replace("$", _ESCAPED_DOLLAR)
-        if operator in (":-", "-"):
-            unset = value is None or (operator == ":-" and value == "")
-            return argument if unset else str(value)
-        if operator in (":?", "?"):
-            if value is None or (operator == ":?" and value == ""):
-                raise AssertionError(f"compose would stop: ${{{name}}} is required: {argument}")
-            return value
-        if operator in (":+", "+"):
-            return argument if value else ""
-        return value or ""
-
-    text = text.replace("$$", _ESCAPED_DOLLAR)  # a literal $ is never an expression
-    while (resolved := _VARIABLE.sub(substitute, text)) != text:
-        text = resolved
-    return text.replace(_ESCAPED_DOLLAR, "$")
-
-
-def interpolated(node: Any, env: Mapping[str, str]) -> Any:
-    if isinstance(node, str):
-        return interpolate(node, env)
-    if isinstance(node, list):
-        return [interpolated(item, env) for item in node]
-    if isinstance(node, dict):
-        return {key: interpolated(value, env) for key, value in node.items()}
-    return node
-
-
-@pytest.fixture(scope="module")
-def raw_compose() -> dict[str, Any]:
-    loaded = yaml.safe_load(COMPOSE_FILE.read_text())
-    assert isinstance(loaded, dict)
-    return loaded
-
 
 @pytest.fixture(scope="module")
 def compose(raw_compose: dict[str, Any]) -> dict[str, Any]:
@@ -129,13 +77,6 @@ def definitions() -> dict[str, Any]:
     loaded = json.loads(DEFINITIONS.read_text())
     assert isinstance(loaded, dict)
     return loaded
-
-
-def environment_of(service: Mapping[str, Any]) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {str(k): "" if v is None else str(v) for k, v in env.items()}
 
 
 def env_example() -> dict[str, str]:
@@ -812,20 +753,6 @@ def read_conf(path: Path) -> dict[str, str]:
             if line.strip() and not line.lstrip().startswith("#")
         )
     }
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """A compose env file: KEY=VALUE lines, double-quoted values interpolated."""
-    values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        key, _, value = line.partition("=")
-        value = value.strip()
-        if value.startswith('"') and value.endswith('"'):
-            value = value[1:-1]
-        values[key.strip()] = interpolate(value, values)
-    return values
 
 
 def test_cluster_profile_adds_three_nodes_that_form_one_cluster(compose: dict[str, Any]) -> None:

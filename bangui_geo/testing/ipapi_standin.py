@@ -1,4 +1,5 @@
-"""An ip-api.com stand-in the tests own: the batch endpoint with the limits ip-api documents.
+"""An ip-api.com stand-in for tests and the benchmark: the batch endpoint with the limits ip-api
+documents.
 
 It answers ``POST /batch`` as ip-api does (422 above 100 entries, a fixed request window with
 ``X-Rl``/``X-Ttl`` on every answer, 429 past the budget, ``status: fail`` for private, reserved and
@@ -14,7 +15,6 @@ import asyncio
 import ipaddress
 import json
 import math
-import random
 import socket
 import threading
 import time
@@ -30,7 +30,6 @@ import pycountry
 from aiohttp import web
 
 from services.resolver.geo import Geo
-from shared.ipnorm import is_routable
 from shared.messages import Resolution
 
 MAX_BATCH = 100
@@ -102,34 +101,6 @@ def expected_geo(ip: str, overrides: Mapping[str, str] | None = None) -> Geo | N
         Resolution.RESOLVED,
         "ip-api",
     )
-
-
-def public_ips(count: int, seed: int = 7) -> list[str]:
-    """Distinct routable IPv4 (and a few IPv6) addresses the embedded data knows a country for."""
-    rng = random.Random(seed)
-    out: dict[str, None] = {}
-    while len(out) < count:
-        if len(out) % 50 == 0:
-            ip = str(ipaddress.IPv6Address((0x2001_4860 << 96) | rng.getrandbits(64)))
-        else:
-            ip = str(ipaddress.IPv4Address(rng.getrandbits(32)))
-        if is_routable(ip) and iptocc.country_code(ip):
-            out[ip] = None
-    return list(out)
-
-
-def non_global_ips(count: int, seed: int = 11) -> list[str]:
-    rng = random.Random(seed)
-    makers = [
-        lambda: f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-        lambda: f"192.168.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-        lambda: f"172.{rng.randrange(16, 32)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-        lambda: f"127.0.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-        lambda: f"100.64.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-        lambda: f"224.0.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-        lambda: f"fd00::{rng.randrange(1, 0xFFFF):x}",
-    ]
-    return list(dict.fromkeys(rng.choice(makers)() for _ in range(count)))
 
 
 @dataclass

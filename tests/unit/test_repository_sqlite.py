@@ -1,7 +1,7 @@
 """``SqliteGeoRepository`` on a real SQLite file, what only SQLite has: WAL and its bound,
 batches bigger than one statement (atomic, never sharing a transaction, safe to cancel), the
 migration of the original BanGUI table, and a file deleted or replaced under the writer. The
-rules both stores share are in test_repository_contract.py."""
+rules both stores share are in tests/integration/test_repository_contract.py."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import closing
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bangui_geo.testing.ips import public_ips
+from bangui_geo.testing.rows import T0, row
 from services.persistence.repository import (
     CHECKPOINT_INTERVAL_S,
     JOURNAL_SIZE_LIMIT,
@@ -23,31 +24,7 @@ from services.persistence.repository import (
     SqliteGeoRepository,
     max_rows_per_statement,
 )
-from shared.messages import GeoRow, Resolution, iso_utc
-
-pytestmark = pytest.mark.integration
-
-T0 = datetime(2027, 1, 15, 8, 0, tzinfo=UTC)
-
-
-def row(
-    ip: str,
-    code: str | None = "US",
-    *,
-    minutes: int = 0,
-    resolution: Resolution | None = None,
-    provider: str | None = "embedded",
-) -> GeoRow:
-    if resolution is None:
-        resolution = Resolution.RESOLVED if code else Resolution.FAILED
-    return GeoRow(
-        ip=ip,
-        resolution=resolution,
-        cached_at=iso_utc(T0 + timedelta(minutes=minutes)),
-        country_code=code,
-        country_name={"US": "United States", "DE": "Germany"}.get(code or ""),
-        provider=provider,
-    )
+from shared.messages import Resolution, iso_utc
 
 
 def stored(path: Path) -> dict[str, tuple[Any, ...]]:
@@ -191,14 +168,6 @@ async def test_only_failed_rows_are_unresolved(repository: SqliteGeoRepository) 
         ]
     )
     assert await repository.unresolved_ips() == ["9.9.9.9"]
-
-
-def public_ips(n: int, salt: int = 0) -> list[str]:
-    """``n`` distinct addresses in 11.0.0.0/8, spread over the key space like real traffic."""
-    step = 2_654_435_761  # odd: a permutation of the 24-bit host part
-    return [
-        f"11.{(k := (i * step + salt) % 2**24) >> 16}.{k >> 8 & 255}.{k & 255}" for i in range(n)
-    ]
 
 
 def wal_bytes(db_path: Path) -> int:
