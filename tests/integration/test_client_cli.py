@@ -264,13 +264,18 @@ async def test_backup_during_a_stream_is_consistent(
     ips = known_public_ips(30_000, seed=23)
     bodies = [{"ips": ips[i : i + 250]} for i in range(0, len(ips), 250)]
 
+    first_copy = asyncio.Event()
+
     async def stream() -> None:
         for start in range(0, len(bodies), 4):
+            if start == len(bodies) // 4:  # the rest only once the first copy is taken
+                await first_copy.wait()
             await publish(service_group.amqp_url, "ip.seen", bodies[start : start + 4])
             await asyncio.sleep(0.05)
 
     await async_poll(service_group.db_path.exists, deadline_s=20, what="the database file")
     publishing = asyncio.create_task(stream())
+    await async_poll(service_group.row_count, deadline_s=20, what="the first rows committed")
     copies: list[dict[str, tuple[Any, ...]]] = []
     while not publishing.done() or len(copies) < 2:
         target = tmp_path / f"backup-{len(copies)}.sqlite3"
@@ -279,6 +284,7 @@ async def test_backup_during_a_stream_is_consistent(
         with sqlite3.connect(target) as copy:
             assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         copies.append(read_rows(target))
+        first_copy.set()
         assert done.stdout.startswith(f"backed up {len(copies[-1]):,} rows of ")
     await publishing
     final = await rows_for(service_group, set(ips), "every streamed IP")
