@@ -188,11 +188,7 @@ def drain_with_services(
     Returns the resolver's memory status at the end of the drain and the exit codes.
     """
     try:
-        services.start("persistence")
-        services.start("timer")
-        services.wait_event("persistence", "persistence_ready")
-        services.wait_event("timer", "timer_leading")
-        services.start("resolver")
+        services.start_resolver_last()
         wait_rows(services, plan.ips, timeout=plan.timeout)
         status = read_status(services.pid("resolver"))
         return status, services.stop_all()

@@ -19,7 +19,6 @@ import asyncio
 import json
 import sqlite3
 import time
-import urllib.request
 from contextlib import closing
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from bangui_geo.testing import ServiceFailed, public_ips
+from bangui_geo.testing.http import scraped
 from bench.broker import connect, declare_bare_queue
 from bench.latency import percentile
 from bench.report import Figure, Target
@@ -38,6 +38,7 @@ from shared.messages import iso_utc_from_epoch
 BARE_QUEUE = "bench.bare.rpc"
 REQUEST_IPS = 100
 CONCURRENT = 200
+METRICS_TIMEOUT_S = 2.0  # a scrape of the resolver's /metrics while it warms
 
 
 async def _bare_round_trips(amqp_url: str, rounds: int, reply: bytes) -> list[float]:
@@ -153,18 +154,6 @@ def write_table(db_path: Path, ips: list[str]) -> None:
         db.commit()
 
 
-def _metric(port: int, name: str) -> float | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
 async def run_warm(rows: int, amqp_url: str, workdir: Path, port: int) -> list[Figure]:
     first = Figure(
         "warm_first_served",
@@ -196,7 +185,7 @@ async def run_warm(rows: int, amqp_url: str, workdir: Path, port: int) -> list[F
             )
             started = time.perf_counter()
             services.start("resolver", GEO_METRICS_PORT=str(port))
-            while (_metric(port, "geo_known_hits_total") or 0) < 1:
+            while (scraped(port, "geo_known_hits_total", timeout=METRICS_TIMEOUT_S) or 0) < 1:
                 services.check_running()
                 await asyncio.sleep(0.005)
             first.project = 1000 * (time.perf_counter() - started)
@@ -209,11 +198,11 @@ async def run_warm(rows: int, amqp_url: str, workdir: Path, port: int) -> list[F
                         for b in bodies[i : i + 100]
                     )
                 )
-            while (_metric(port, "geo_known_hits_total") or 0) < rows:
+            while (scraped(port, "geo_known_hits_total", timeout=METRICS_TIMEOUT_S) or 0) < rows:
                 services.check_running()
                 await asyncio.sleep(0.05)
             elapsed = time.perf_counter() - started
-            lookups = _metric(port, "geo_lookups_total")
+            lookups = scraped(port, "geo_lookups_total", timeout=METRICS_TIMEOUT_S)
             rss = read_status(services.pid("resolver")).get("VmRSS", 0)
         finally:
             await connection.close()

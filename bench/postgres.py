@@ -154,11 +154,7 @@ def _drain(services: Services, rows: int, timeout: float) -> dict[str, int]:
     """Start persistence and the timer, then the resolver; wait until persistence has
     committed ``rows`` rows (from its log: no polling query competing with the writer)."""
     try:
-        services.start("persistence")
-        services.start("timer")
-        services.wait_event("persistence", "persistence_ready")
-        services.wait_event("timer", "timer_leading")
-        services.start("resolver")
+        services.start_resolver_last()
         deadline = time.monotonic() + timeout
         while rows_reached(services.events("persistence", "geo_upserts_applied"), rows) is None:
             services.check_running()

@@ -98,6 +98,16 @@ class Services(ServiceGroup):
             self.profilers[name or service] = Profiler.attach(executable, process.pid, output)
         return process
 
+    def start_resolver_last(self) -> None:
+        """Start persistence and the timer and wait until persistence is ready and the timer
+        leads; then the resolver, so that it meets a full queue with the rest of the pipeline
+        already waiting."""
+        self.start("persistence")
+        self.start("timer")
+        self.wait_event("persistence", "persistence_ready")
+        self.wait_event("timer", "timer_leading")
+        self.start("resolver")
+
     def flame_graphs(self) -> dict[str, Path | None]:
         """After the services stopped: each profiled service's flame graph (None if missing)."""
         return {name: profiler.wait() for name, profiler in self.profilers.items()}

@@ -197,10 +197,7 @@ def _lookup_request(ips: list[str], timeout_ms: int, offset: int) -> GeoLookupRe
     try:
         return GeoLookupRequest(ips=ips, timeout_ms=timeout_ms)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        message = error["msg"].removeprefix("Value error, ")
-        where = _position(error["loc"], offset)
-        raise ValueError(f"{where}: {message}" if where else message) from None
+        raise _bad_address(exc, offset) from None
 
 
 def ip_seen_bodies(
@@ -246,10 +243,16 @@ def _validated(fields: dict[str, object], *, offset: int) -> IpSeen:
     try:
         return IpSeen.model_validate(fields)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        message = error["msg"].removeprefix("Value error, ")
-        where = _position(error["loc"], offset)
-        raise ValueError(f"{where}: {message}" if where else message) from None
+        raise _bad_address(exc, offset) from None
+
+
+def _bad_address(exc: ValidationError, offset: int) -> ValueError:
+    """The ``ValueError`` a caller sees for a refused request: the model's first error, with
+    where it is (``ips[N]`` counted from the whole list, ``offset`` being this chunk's start)."""
+    error = exc.errors(include_url=False)[0]
+    message = error["msg"].removeprefix("Value error, ")
+    where = _position(error["loc"], offset)
+    return ValueError(f"{where}: {message}" if where else message)
 
 
 def _position(loc: Sequence[int | str], offset: int) -> str:

@@ -33,11 +33,12 @@ def metric(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"{name} {labels} not in /metrics")
 
 
-def scraped(port: int, name: str) -> float | None:
+def scraped(port: int, name: str, *, timeout: float = 5) -> float | None:
     """The first sample of ``name`` a service on ``port`` serves now; None while nothing
-    answers there or it has no such sample yet."""
+    answers there (within ``timeout`` seconds) or it has no such sample yet."""
+    url = f"http://127.0.0.1:{port}/metrics"
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             text = response.read().decode()
     except OSError:
         return None

@@ -28,10 +28,10 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
-from pydantic import BaseModel
 
 from shared import topology
 from shared.amqp.config import AmqpConfig
+from shared.amqp.publisher import ServicePublisher
 from shared.amqp.service import (
     DEAD_LETTER_FAILING_S,
     Consumer,
@@ -39,7 +39,6 @@ from shared.amqp.service import (
     register_consumer_metrics,
     stop_consumers,
 )
-from shared.deadletters import dead_letter_headers
 from shared.metrics import Health, MetricsRegistry, health_of
 from shared.ports import Ticket
 from shared.routes import Wired, Wiring, queue_of
@@ -378,25 +377,10 @@ def _with_headers(
 
 
 @dataclass
-class MemoryPublisher:
+class MemoryPublisher(ServicePublisher):
     """``Publisher`` and dead-letterer of a service on the in-memory broker."""
 
     broker: MemoryBroker
-
-    async def publish(
-        self,
-        routing_key: str,
-        messages: Sequence[BaseModel],
-        *,
-        expiration: float | None = None,
-        mandatory: bool = True,
-    ) -> None:
-        await self.publish_bodies(
-            routing_key,
-            [m.model_dump_json().encode() for m in messages],
-            expiration=expiration,
-            mandatory=mandatory,
-        )
 
     async def publish_bodies(
         self,
@@ -412,26 +396,11 @@ class MemoryPublisher:
                 topology.EXCHANGE, routing_key, body, properties, mandatory=mandatory
             )
 
-    async def dead_letter(
-        self,
-        message: AbstractIncomingMessage,
-        *,
-        route: str,
-        reason: str,
-        service: str,
-        queue: str,
-        body: bytes | None = None,
+    async def publish_dead_letter(
+        self, body: bytes, *, route: str, headers: dict[str, Any]
     ) -> None:
-        headers = dead_letter_headers(
-            message.headers,
-            reason=reason,
-            service=service,
-            queue=queue,
-            delivered_as=message.routing_key or "",
-        )
-        copy = message.body if body is None else body
         properties = _properties(headers=headers)
-        self.broker.publish(topology.DEAD_LETTER_EXCHANGE, route, copy, properties, mandatory=True)
+        self.broker.publish(topology.DEAD_LETTER_EXCHANGE, route, body, properties, mandatory=True)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Publishing on ``bangui`` with publisher confirms: the one confirmed publish every sender uses,
-a service's publisher (``AmqpPublisher``, with its dead-letter channel) and the publish-only
-client of the CLI and other components (``ExchangePublisher``, which declares nothing).
+a service's publisher (``AmqpPublisher``, with its dead-letter channel; it and the in-memory
+broker's publisher share ``ServicePublisher``) and the publish-only client of the CLI and other
+components (``ExchangePublisher``, which declares nothing).
 
 The senders differ only in what a failure means to their caller: ``Transient`` (requeue) in a
 service, ``PublishFailed`` (one line, exit) in a tool.
@@ -9,6 +10,7 @@ service, ``PublishFailed`` (one line, exit) in a tool.
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import suppress
 from datetime import UTC, datetime
@@ -128,7 +130,67 @@ class DeadLetterChannel:
                 await channel.close()
 
 
-class AmqpPublisher:
+class ServicePublisher(ABC):
+    """A service's ``Publisher`` and dead-letterer, on the broker or on the in-memory one: models
+    are serialized and dead-letter copies get their headers here, the same for both; how bodies
+    and dead letters reach an exchange is each subclass's own."""
+
+    async def publish(
+        self,
+        routing_key: str,
+        messages: Sequence[BaseModel],
+        *,
+        expiration: float | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        await self.publish_bodies(
+            routing_key,
+            [m.model_dump_json().encode() for m in messages],
+            expiration=expiration,
+            mandatory=mandatory,
+        )
+
+    @abstractmethod
+    async def publish_bodies(
+        self,
+        routing_key: str,
+        bodies: Sequence[bytes],
+        *,
+        expiration: float | None = None,
+        mandatory: bool = True,
+    ) -> None: ...
+
+    async def dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        *,
+        route: str,
+        reason: str,
+        service: str,
+        queue: str,
+        body: bytes | None = None,
+    ) -> None:
+        """Publish a copy of ``message`` (or ``body``, the part of it that was rejected) to
+        ``bangui.dlx`` under ``route``, what ``queue`` is for (never the delivery's routing key,
+        which a CC/BCC header may have carried there)."""
+        headers = dead_letter_headers(
+            message.headers,
+            reason=reason,
+            service=service,
+            queue=queue,
+            delivered_as=message.routing_key or "",
+        )
+        copy = message.body if body is None else body
+        await self.publish_dead_letter(copy, route=route, headers=headers)
+
+    @abstractmethod
+    async def publish_dead_letter(
+        self, body: bytes, *, route: str, headers: dict[str, Any]
+    ) -> None:
+        """Publish ``body`` to ``bangui.dlx`` under ``route``, mandatory, with ``headers``."""
+
+
+class AmqpPublisher(ServicePublisher):
     """Publishes on ``bangui`` with confirms; a group of publishes is confirmed together."""
 
     def __init__(
@@ -154,21 +216,6 @@ class AmqpPublisher:
         exchange = await channel.get_exchange(topology.EXCHANGE, ensure=False)
         return cls(exchange, DeadLetterChannel(connection, confirm_timeout), confirm_timeout)
 
-    async def publish(
-        self,
-        routing_key: str,
-        messages: Sequence[BaseModel],
-        *,
-        expiration: float | None = None,
-        mandatory: bool = True,
-    ) -> None:
-        await self.publish_bodies(
-            routing_key,
-            [m.model_dump_json().encode() for m in messages],
-            expiration=expiration,
-            mandatory=mandatory,
-        )
-
     async def publish_bodies(
         self,
         routing_key: str,
@@ -190,28 +237,10 @@ class AmqpPublisher:
         except (TimeoutError, AMQPConnectionError, ChannelInvalidStateError) as exc:
             raise Transient(f"publish to {routing_key} not confirmed: {exc!r}") from exc
 
-    async def dead_letter(
-        self,
-        message: AbstractIncomingMessage,
-        *,
-        route: str,
-        reason: str,
-        service: str,
-        queue: str,
-        body: bytes | None = None,
+    async def publish_dead_letter(
+        self, body: bytes, *, route: str, headers: dict[str, Any]
     ) -> None:
-        """Publish a copy of ``message`` (or ``body``, the part of it that was rejected) to
-        ``bangui.dlx`` under ``route``, what ``queue`` is for (never the delivery's routing key,
-        which a CC/BCC header may have carried there)."""
-        headers = dead_letter_headers(
-            message.headers,
-            reason=reason,
-            service=service,
-            queue=queue,
-            delivered_as=message.routing_key or "",
-        )
-        copy = message.body if body is None else body
-        await self._dead_letters.publish(copy, route=route, headers=headers)
+        await self._dead_letters.publish(body, route=route, headers=headers)
 
     async def close(self) -> None:
         await self._dead_letters.close()
