@@ -270,8 +270,9 @@ class SqliteGeoRepository:
         self._opened = identify(path)
         self._rows_per_statement = rows_per_statement
         self._checkpoint_interval = checkpoint_interval
-        # Held while a batch too big for one statement runs as BEGIN .. COMMIT over several
-        # hops, so that no single-statement batch lands inside that transaction.
+        # Held by every write: a batch too big for one statement runs as BEGIN .. COMMIT over
+        # several hops, and no other batch may land inside that transaction; and reads queue
+        # behind at most one write on the writer's thread.
         self._transaction = asyncio.Lock()
         self._reopen_lock = asyncio.Lock()
         self._closed_for_reopen = False  # the old file is closed and the path not yet reopened
@@ -321,22 +322,20 @@ class SqliteGeoRepository:
             await self._reopen("retry")
         db = self._db
         extra: tuple[str, ...] = (json.dumps(list(retried)),) if retried else ()
-        try:
-            if len(rows) <= self._rows_per_statement and seen is None:
-                if self._transaction.locked():
-                    async with self._transaction:
-                        changed = await self._statement(db, rows, extra)
-                else:
+        # One write at a time on the writer's thread, its file check included: a geo.known
+        # read queued meanwhile waits for one commit, not for every batch in the prefetch.
+        async with self._transaction:
+            try:
+                if len(rows) <= self._rows_per_statement and seen is None:
                     changed = await self._statement(db, rows, extra)
-            else:
-                async with self._transaction:
+                else:
                     changed = await self._statements(db, rows, extra, seen)
-        except Exception as exc:
-            if self._db is not db:  # reopened meanwhile: the old connection was closed under us
-                raise DatabaseReplaced(f"{self._path} was reopened during the write") from exc
-            raise
-        self.commits += 1
-        await self._verify(db)
+            except Exception as exc:
+                if self._db is not db:  # reopened meanwhile: the old connection was closed
+                    raise DatabaseReplaced(f"{self._path} was reopened during the write") from exc
+                raise
+            self.commits += 1
+            await self._verify(db)
         return changed
 
     async def _statement(
@@ -469,8 +468,9 @@ class SqliteGeoRepository:
         for start in range(0, len(ips), KNOWN_CHUNK):
             chunk = list(ips[start : start + KNOWN_CHUNK])
             sql = select_known(", ".join("?" * len(chunk)))
-            async with self._db.execute(sql, chunk) as cursor:
-                out.extend([known_row(row) async for row in cursor])
+            # One hop to aiosqlite's thread per chunk (execute, fetch and close would be three,
+            # each queued behind the upserts): the resolver waits for this answer.
+            out.extend(map(known_row, await self._db.execute_fetchall(sql, chunk)))
         return out
 
     async def _start_checkpointer(self) -> None:
