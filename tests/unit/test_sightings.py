@@ -137,3 +137,31 @@ class LegacyBatch(BaseModel):
 
     batch_id: str
     rows: CheckedRows = Field(min_length=1, max_length=1000)
+
+
+def test_a_flood_of_one_address_does_not_crowd_out_the_other_sightings() -> None:
+    """The bound counted mentions, not addresses: 50 ip.seen of one IP 1000 times (a forged
+    stream, or one IP banned in every jail) filled the window, and every other IP seen in it
+    lost its sighting, so prune deleted rows of IPs still being seen."""
+    cache = GeoCache(max_entries=100, negative_ttl=300.0)
+    for _ in range(MAX_SIGHTINGS // 1000 + 5):
+        cache.note_seen(["11.0.0.1"] * 1000)
+    cache.note_seen(["8.8.8.8"])
+    assert cache.sightings_dropped == 0
+    cache.take_dirty()
+    assert cache.take_sightings().seen == ["11.0.0.1", "8.8.8.8"]
+
+
+def test_a_window_full_of_distinct_addresses_is_compacted_once_not_per_delivery() -> None:
+    cache = GeoCache(max_entries=100, negative_ttl=300.0)
+    many = [f"11.0.{i // 250}.{i % 250}" for i in range(MAX_SIGHTINGS)]
+    cache.note_seen(many)
+    for _ in range(100):
+        cache.note_seen(["8.8.8.8"])
+    assert cache.sightings_dropped == 100
+    assert cache.sighting_compactions == 1
+    cache.take_dirty()
+    assert len(cache.take_sightings().seen) == MAX_SIGHTINGS
+    cache.note_seen(many)  # a new window compacts again when it fills
+    cache.note_seen(["8.8.8.8"])
+    assert cache.sighting_compactions == 2
