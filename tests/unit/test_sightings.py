@@ -165,3 +165,38 @@ def test_a_window_full_of_distinct_addresses_is_compacted_once_not_per_delivery(
     cache.note_seen(many)  # a new window compacts again when it fills
     cache.note_seen(["8.8.8.8"])
     assert cache.sighting_compactions == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: a seen batch only updates last_seen; a pruned IP the resolver still caches "
+    "is a hit, so no row is written for it until the resolver restarts or evicts it",
+)
+async def test_a_pruned_ip_seen_again_gets_its_row_back(tmp_path: Any) -> None:
+    """README, Retention: "A pruned IP seen again is looked up again". A resolver that still
+    caches it answers from memory and sends only a sighting, which updates no row: the ban
+    shows no country on the dashboard for as long as that resolver runs."""
+    from services.persistence.ports import Sightings
+    from services.persistence.repository import SqliteGeoRepository
+
+    r = make_resolver()
+    repository = await SqliteGeoRepository.open(tmp_path / "geo.sqlite3")
+
+    async def apply(batches: Sequence[GeoUpsertBatch]) -> None:
+        for b in batches:
+            seen = None if b.seen is None else Sightings(b.seen.ips, b.seen.at)
+            await repository.upsert_many(b.rows, b.retried, seen)
+
+    try:
+        await r.seen("8.8.8.8", "1.1.1.1")
+        await flush(r.deps, trigger="test")
+        await apply(r.batches())
+        done = len(r.batches())
+        assert await repository.prune(iso_utc_from_epoch(r.clock() + 86_400), 2000) == 2
+        r.clock.advance(3600)
+        await r.seen("8.8.8.8", "1.1.1.1")  # banned again: both hits in the resolver's cache
+        await flush(r.deps, trigger="test")
+        await apply(r.batches()[done:])
+        assert len(await repository.known_rows(["8.8.8.8", "1.1.1.1"])) == 2
+    finally:
+        await repository.close()
