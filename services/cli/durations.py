@@ -15,7 +15,10 @@ def parse_age(text: str) -> timedelta | None:
     match = _AGE.match(text.strip())
     if match is None:
         return None
-    return timedelta(**{_UNITS[match["unit"]]: int(match["n"])})
+    try:
+        return timedelta(**{_UNITS[match["unit"]]: int(match["n"])})
+    except OverflowError:  # beyond timedelta's ~2.7 million years: no age anyone means
+        return None
 
 
 def format_age(age: timedelta) -> str:

@@ -162,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trim.add_argument(
         "--older-than",
-        type=_age,
+        type=_prune_age,
         required=True,
         metavar="AGE",
-        help="not seen for longer than AGE, e.g. 90d, 26w",
+        help="not seen for longer than AGE (at least 1d), e.g. 90d, 26w",
     )
     trim.add_argument("-y", "--yes", action="store_true", help="do not ask")
 
@@ -211,6 +211,16 @@ def _age(text: str) -> timedelta:
     age = parse_age(text)
     if age is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not an age like 30m, 12h or 7d")
+    return age
+
+
+def _prune_age(text: str) -> timedelta:
+    age = _age(text)
+    if age < prune.MIN_AGE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is under a day: last_seen is written once a day, so a shorter age would"
+            " delete rows of IPs seen today"
+        )
     return age
 
 

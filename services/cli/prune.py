@@ -24,10 +24,16 @@ from shared.messages import iso_utc
 from shared.settings import Settings
 
 CHUNK_ROWS = 2000  # rows per DELETE: a few milliseconds of write lock each
+# last_seen is written once a day (a row seen a minute ago may say it was seen at midnight), so
+# a shorter AGE would delete rows of IPs seen today; "0d" would delete every row.
+MIN_AGE = timedelta(days=1)
 
 
 def cutoff(now: datetime, older_than: timedelta) -> str:
-    return iso_utc(now - older_than)
+    try:
+        return iso_utc(now - older_than)
+    except OverflowError:  # before year 1: no row is older than that
+        return iso_utc(datetime.min.replace(tzinfo=UTC))
 
 
 def question(count: int, older_than: timedelta, before: str) -> str:

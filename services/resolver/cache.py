@@ -57,6 +57,8 @@ class GeoCache:
         self._retried: set[str] = set()
         self._taken: dict[str, float] = {}  # the dirty set the last take_dirty swapped out
         self.sightings_dropped = 0
+        self.sighting_compactions = 0
+        self._seen_compacted = False  # this window's sightings were compacted and stayed full
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -181,6 +183,13 @@ class GeoCache:
         """``ip.seen`` mentioned ``ips``: one C-level extend per delivery; the flush
         deduplicates them, off this path."""
         seen = self._seen
+        if len(seen) >= MAX_SIGHTINGS and not self._seen_compacted:
+            # Full of mentions, maybe of a few IPs (one seen in every message, a forged
+            # stream): keep each once, so those do not crowd out the other IPs' sightings.
+            # Once per window, so a window of distinct IPs costs one pass, not one per delivery.
+            seen[:] = dict.fromkeys(seen)
+            self.sighting_compactions += 1
+            self._seen_compacted = len(seen) >= MAX_SIGHTINGS // 2
         if len(seen) < MAX_SIGHTINGS:
             seen.extend(ips)
         else:
@@ -198,6 +207,7 @@ class GeoCache:
         a row of that flush says itself that its IP was seen, unless it answered a retry."""
         taken, self._taken = self._taken, {}
         mentioned, self._seen = self._seen, []
+        self._seen_compacted = False
         seen = set(mentioned)
         retried = self._retried.intersection(taken)
         if retried:

@@ -645,3 +645,37 @@ def test_backup_says_postgresql_is_backed_up_with_pg_dump(
         "backup copies a SQLite file (--db FILE)\n"
     )
     assert not (tmp_path / "copy.sqlite3").exists()
+
+
+# --- prune's AGE -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("age", ["0s", "0d", "12h", "1439m", "99999999999d", "999999999999w"])
+def test_prune_refuses_an_age_below_a_day_or_beyond_any_date(age: str) -> None:
+    """last_seen is written once a day (a row seen a minute ago may say it was seen at 00:00),
+    so an AGE under a day would delete rows of IPs seen today, "0d" every row; an AGE too big
+    for a timedelta was an OverflowError traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["prune", "--older-than", age, "--db", "x"])
+    assert exit_info.value.code == 2
+
+
+def test_prune_older_than_every_date_deletes_nothing(tmp_path: Path) -> None:
+    """An AGE that reaches before year 1 (999999d) was an OverflowError traceback."""
+    import asyncio
+
+    from services.cli import prune
+    from shared.settings import Settings
+
+    db = tmp_path / "geo.sqlite3"
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute(
+            "CREATE TABLE geo_cache (ip TEXT PRIMARY KEY, country_code TEXT, country_name TEXT,"
+            " asn TEXT, org TEXT, cached_at TEXT NOT NULL)"
+        )
+        conn.execute("INSERT INTO geo_cache (ip, cached_at) VALUES ('8.8.8.8', '2024-01-01 00:00')")
+        conn.commit()
+    settings = Settings(db_path=db)
+    line = asyncio.run(prune.prune(settings, timedelta(days=999_999), yes=True, interactive=False))
+    assert line.startswith("no row of geo_cache was last seen before")
+    assert parse_age("99999999999d") is None

@@ -137,3 +137,66 @@ class LegacyBatch(BaseModel):
 
     batch_id: str
     rows: CheckedRows = Field(min_length=1, max_length=1000)
+
+
+def test_a_flood_of_one_address_does_not_crowd_out_the_other_sightings() -> None:
+    """The bound counted mentions, not addresses: 50 ip.seen of one IP 1000 times (a forged
+    stream, or one IP banned in every jail) filled the window, and every other IP seen in it
+    lost its sighting, so prune deleted rows of IPs still being seen."""
+    cache = GeoCache(max_entries=100, negative_ttl=300.0)
+    for _ in range(MAX_SIGHTINGS // 1000 + 5):
+        cache.note_seen(["11.0.0.1"] * 1000)
+    cache.note_seen(["8.8.8.8"])
+    assert cache.sightings_dropped == 0
+    cache.take_dirty()
+    assert cache.take_sightings().seen == ["11.0.0.1", "8.8.8.8"]
+
+
+def test_a_window_full_of_distinct_addresses_is_compacted_once_not_per_delivery() -> None:
+    cache = GeoCache(max_entries=100, negative_ttl=300.0)
+    many = [f"11.0.{i // 250}.{i % 250}" for i in range(MAX_SIGHTINGS)]
+    cache.note_seen(many)
+    for _ in range(100):
+        cache.note_seen(["8.8.8.8"])
+    assert cache.sightings_dropped == 100
+    assert cache.sighting_compactions == 1
+    cache.take_dirty()
+    assert len(cache.take_sightings().seen) == MAX_SIGHTINGS
+    cache.note_seen(many)  # a new window compacts again when it fills
+    cache.note_seen(["8.8.8.8"])
+    assert cache.sighting_compactions == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: a seen batch only updates last_seen; a pruned IP the resolver still caches "
+    "is a hit, so no row is written for it until the resolver restarts or evicts it",
+)
+async def test_a_pruned_ip_seen_again_gets_its_row_back(tmp_path: Any) -> None:
+    """README, Retention: "A pruned IP seen again is looked up again". A resolver that still
+    caches it answers from memory and sends only a sighting, which updates no row: the ban
+    shows no country on the dashboard for as long as that resolver runs."""
+    from services.persistence.ports import Sightings
+    from services.persistence.repository import SqliteGeoRepository
+
+    r = make_resolver()
+    repository = await SqliteGeoRepository.open(tmp_path / "geo.sqlite3")
+
+    async def apply(batches: Sequence[GeoUpsertBatch]) -> None:
+        for b in batches:
+            seen = None if b.seen is None else Sightings(b.seen.ips, b.seen.at)
+            await repository.upsert_many(b.rows, b.retried, seen)
+
+    try:
+        await r.seen("8.8.8.8", "1.1.1.1")
+        await flush(r.deps, trigger="test")
+        await apply(r.batches())
+        done = len(r.batches())
+        assert await repository.prune(iso_utc_from_epoch(r.clock() + 86_400), 2000) == 2
+        r.clock.advance(3600)
+        await r.seen("8.8.8.8", "1.1.1.1")  # banned again: both hits in the resolver's cache
+        await flush(r.deps, trigger="test")
+        await apply(r.batches()[done:])
+        assert len(await repository.known_rows(["8.8.8.8", "1.1.1.1"])) == 2
+    finally:
+        await repository.close()
