@@ -142,6 +142,9 @@ class InMemoryGeoRepository:
         due = [r for r in due if r.cached_at < older_than]
         return [r.ip for r in sorted(due, key=lambda r: (r.cached_at, r.ip))][:limit]
 
+    async def missing(self, ips: Sequence[str]) -> list[str]:
+        return [ip for ip in dict.fromkeys(ips) if ip not in self.rows]
+
     async def known_rows(self, ips: Sequence[str]) -> list[GeoRow]:
         return [
             row

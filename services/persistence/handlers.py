@@ -17,8 +17,8 @@ from operator import itemgetter
 
 import structlog
 
-from services.persistence.ports import RetryBackoff, Sightings
-from services.persistence.repository import DatabaseReplaced, GeoRepository, is_transient
+from services.persistence.ports import GeoRepository, RetryBackoff, Sightings
+from services.persistence.repository import DatabaseReplaced, is_transient
 from shared import topology
 from shared.errors import Rejected, Transient
 from shared.ipnorm import is_routable, normalize_ip
@@ -104,6 +104,8 @@ async def on_geo_upsert_batch(cmd: GeoUpsertBatch, deps: PersistenceDeps) -> Non
         if is_transient(exc):
             raise Transient(f"geo_cache write failed: {exc}") from exc
         raise
+    if seen is not None:
+        await _look_up_again(seen.ips, cmd.batch_id, deps)
     deps.state.batches += 1
     deps.state.rows += len(cmd.rows)
     deps.log.info(
@@ -114,6 +116,26 @@ async def on_geo_upsert_batch(cmd: GeoUpsertBatch, deps: PersistenceDeps) -> Non
         seen=0 if seen is None else len(seen.ips),
         duration_ms=round((time.perf_counter() - started) * 1000, 1),
     )
+
+
+async def _look_up_again(seen: Sequence[str], batch_id: str, deps: PersistenceDeps) -> None:
+    """Sighted IPs with no row (pruned while a resolver still caches them: a cache hit writes no
+    row) go back to the resolvers to be looked up and written again: as a retry (for an IP a
+    resolver holds a failure for, or none) and as a refresh (for one it holds an answer for)."""
+    gone = await deps.repository.missing(seen)
+    if not gone:
+        return
+    tick_id = f"seen:{batch_id}"
+    await deps.publisher.publish(
+        topology.RETRY,
+        [
+            RetryUnresolved(tick_id=tick_id, ips=gone[i : i + MAX_IPS_PER_MESSAGE], refresh=again)
+            for again in (False, True)
+            for i in range(0, len(gone), MAX_IPS_PER_MESSAGE)
+        ],
+    )
+    deps.state.refreshes_requested += len(gone)
+    deps.log.info("geo_pruned_rows_requested", ips=len(gone), batch_id=batch_id)
 
 
 async def on_re_resolve(cmd: ReResolveStale, deps: PersistenceDeps) -> None:

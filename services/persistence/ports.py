@@ -68,6 +68,10 @@ class GeoRepository(Protocol):
         oldest first: the refresh of re-resolve."""
         ...
 
+    async def missing(self, ips: Sequence[str]) -> list[str]:
+        """Those of ``ips`` that have no row (pruned, or never written)."""
+        ...
+
     async def count_unseen(self, before: str) -> int:
         """Rows last seen (``last_seen``, else ``cached_at``) before ``before``."""
         ...

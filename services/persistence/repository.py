@@ -23,7 +23,6 @@ from contextlib import closing
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
-from typing import Protocol
 
 import aiosqlite
 import structlog
@@ -182,6 +181,13 @@ SELECT_STALE = (
 )
 
 
+# The IPs of a JSON array with no row: one primary-key probe each.
+SELECT_MISSING = (
+    "SELECT s.value FROM json_each(?) AS s LEFT JOIN geo_cache AS g ON g.ip = s.value"
+    " WHERE g.ip IS NULL"
+)
+
+
 def select_known(placeholders: str) -> str:
     finals = ", ".join(f"'{r.value}'" for r in KNOWN_RESOLUTIONS)
     return (
@@ -196,21 +202,6 @@ def known_row(found: Sequence[object]) -> GeoRow:
     assert resolution is not None
     assert cached_at is not None
     return GeoRow(ip, Resolution(resolution), cached_at, *rest)
-
-
-class GeoRepository(Protocol):
-    async def upsert_many(
-        self,
-        rows: Sequence[GeoRow],
-        retried: Sequence[str] = (),
-        seen: Sightings | None = None,
-    ) -> int: ...
-
-    async def unresolved_ips(self, backoff: RetryBackoff | None = None) -> list[str]: ...
-
-    async def known_rows(self, ips: Sequence[str]) -> list[GeoRow]: ...
-
-    async def stale_ips(self, older_than: str, limit: int) -> list[str]: ...
 
 
 class DatabaseReplaced(Exception):
@@ -430,6 +421,10 @@ class SqliteGeoRepository:
             query = SELECT_DUE.format("?", "?")
             params = (backoff.young_after, backoff.tried_before)
         async with self._db.execute(query, params) as cursor:
+            return [str(row[0]) async for row in cursor]
+
+    async def missing(self, ips: Sequence[str]) -> list[str]:
+        async with self._db.execute(SELECT_MISSING, (json.dumps(list(ips)),)) as cursor:
             return [str(row[0]) async for row in cursor]
 
     async def count_unseen(self, before: str) -> int:

@@ -101,6 +101,13 @@ def columns(rows: Sequence[GeoRow]) -> list[list[str | None]]:
     return [[None if v is None else str(v) for v in column] for column in zip(*rows, strict=True)]
 
 
+# The IPs of an array with no row: one primary-key probe each.
+SELECT_MISSING_PG = (
+    "SELECT s.ip FROM unnest(%s::text[]) AS s(ip) LEFT JOIN geo_cache AS g ON g.ip = s.ip"
+    " WHERE g.ip IS NULL"
+)
+
+
 class PostgresGeoRepository:
     def __init__(self, url: str, connection: AsyncConnection[TupleRow]) -> None:
         self._url = url
@@ -182,6 +189,16 @@ class PostgresGeoRepository:
             db = await self._connection()
             try:
                 cursor = await db.execute(query, args)
+                found = await cursor.fetchall()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                raise await self._transient("read", exc) from exc
+        return [str(row[0]) for row in found]
+
+    async def missing(self, ips: Sequence[str]) -> list[str]:
+        async with self._lock:
+            db = await self._connection()
+            try:
+                cursor = await db.execute(SELECT_MISSING_PG, (list(ips),))
                 found = await cursor.fetchall()
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 raise await self._transient("read", exc) from exc

@@ -19,6 +19,7 @@ from services.persistence.ports import GeoRepository
 from services.persistence.repository import SqliteGeoRepository
 from services.persistence.repository_pg import PostgresGeoRepository
 from shared.messages import GeoRow, Resolution
+from tests.cli_runner import run
 
 pytestmark = pytest.mark.integration
 
@@ -37,21 +38,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith("GEO_"):
             monkeypatch.delenv(name)
     monkeypatch.setattr(cli, "configure_logging", lambda *a, **k: None)
-
-
-def run(
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    env: dict[str, str],
-    *a: str,
-) -> tuple[int, str, str]:
-    """The CLI in this process (it runs its own event loop, so the tests are not async)."""
-    with monkeypatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        code = cli.main(list(a))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def upsert(open_store: Callable[[], Awaitable[GeoRepository]], *batches: list[GeoRow]) -> None:

@@ -19,7 +19,7 @@ from services.persistence.repository import SqliteGeoRepository
 from services.persistence.repository_pg import PostgresGeoRepository
 from shared.messages import GeoRow, Resolution, iso_utc
 from shared.settings import Settings
-from tests.integration.test_postgres_cli import run
+from tests.cli_runner import run
 
 pytestmark = pytest.mark.integration
 

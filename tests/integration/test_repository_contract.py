@@ -422,3 +422,12 @@ async def test_prune_beside_a_writer_keeps_every_row_it_should(store: Store) -> 
     finally:
         await pruner.close()
         await writer.close()
+
+
+async def test_missing_names_the_sighted_ips_that_have_no_row(repository: GeoRepository) -> None:
+    await repository.upsert_many([row("8.8.8.8"), row("9.9.9.9", None)])
+    assert sorted(await repository.missing(["8.8.8.8", "1.1.1.1", "9.9.9.9", "2.2.2.2"])) == [
+        "1.1.1.1",
+        "2.2.2.2",
+    ]
+    assert await repository.missing([]) == []

@@ -5,39 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from services.resolver.bootstrap import build_deps
 from services.resolver.geo import FAILED, NOT_GLOBAL, Geo
 from services.resolver.handlers import (
     ResolverDeps,
     flush,
     flush_watchdog,
     on_flush_dirty,
-    on_ip_seen,
-    on_retry_unresolved,
 )
 from shared import topology
 from shared.errors import Transient
 from shared.messages import (
     FlushDirty,
-    GeoRow,
     GeoUpsertBatch,
     IpResolved,
-    IpSeen,
     Resolution,
-    RetryUnresolved,
     iso_utc,
 )
-from shared.settings import Settings
-from tests.fakes import FakeAcker, FakeLookup, FakePublisher, FakeTicket, ManualClock
-
-US = Geo("US", "United States", "AS15169", "Google LLC", Resolution.RESOLVED, "fake")
-AU = Geo("AU", "Australia", None, None, Resolution.RESOLVED, "fake")
+from tests.resolver_support import US, make_resolver
 
 
 @pytest.fixture(autouse=True)
@@ -45,52 +34,6 @@ def no_geo_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("GEO_"):
             monkeypatch.delenv(name)
-
-
-@dataclass
-class Resolver:
-    deps: ResolverDeps
-    lookup: FakeLookup
-    publisher: FakePublisher
-    acker: FakeAcker
-    clock: ManualClock
-
-    async def seen(self, *ips: str, ticket: str = "t") -> FakeTicket:
-        held = FakeTicket(ticket)
-        event = IpSeen(ip=ips[0]) if len(ips) == 1 else IpSeen(ips=list(ips))
-        await on_ip_seen(event, held, self.deps)
-        return held
-
-    async def retry(self, *ips: str, ticket: str = "r") -> FakeTicket:
-        held = FakeTicket(ticket)
-        await on_retry_unresolved(
-            RetryUnresolved(tick_id="re_resolve:1.000", ips=list(ips)), held, self.deps
-        )
-        return held
-
-    def batches(self) -> list[GeoUpsertBatch]:
-        out = self.publisher.on(topology.UPSERT)
-        assert all(isinstance(m, GeoUpsertBatch) for m in out)
-        return [m for m in out if isinstance(m, GeoUpsertBatch)]
-
-    def rows(self) -> dict[str, GeoRow]:
-        return {row.ip: row for batch in self.batches() for row in batch.rows}
-
-
-def make_resolver(answers: dict[str, Geo] | None = None, **settings: Any) -> Resolver:
-    values: dict[str, Any] = {
-        "cache_max_entries": 10_000,
-        "negative_ttl": 300.0,
-        "prefetch": 2000,
-        "flush_max_dirty": 20_000,
-    }
-    values.update(settings)
-    lookup = FakeLookup(answers if answers is not None else {"8.8.8.8": US, "1.1.1.1": AU})
-    publisher, acker, clock = FakePublisher(), FakeAcker(), ManualClock()
-    deps = build_deps(
-        Settings(**values), lookup=lookup, publisher=publisher, acker=acker, clock=clock
-    )
-    return Resolver(deps, lookup, publisher, acker, clock)
 
 
 def tick(tick_id: str) -> FlushDirty:

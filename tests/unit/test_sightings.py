@@ -12,11 +12,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.resolver.cache import MAX_SIGHTINGS, GeoCache
 from services.resolver.geo import FAILED
-from services.resolver.handlers import flush
+from services.resolver.handlers import flush, on_retry_unresolved
 from shared import topology
 from shared.decode import decode
-from shared.messages import CheckedRows, GeoUpsertBatch, Resolution, iso_utc_from_epoch
-from tests.unit.test_resolver_handlers import US, make_resolver
+from shared.messages import (
+    CheckedRows,
+    GeoUpsertBatch,
+    Resolution,
+    RetryUnresolved,
+    iso_utc_from_epoch,
+)
+from tests.fakes import FakeTicket
+from tests.resolver_support import US, make_resolver
 
 T0 = 1_800_000_000.0
 
@@ -167,36 +174,46 @@ def test_a_window_full_of_distinct_addresses_is_compacted_once_not_per_delivery(
     assert cache.sighting_compactions == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: a seen batch only updates last_seen; a pruned IP the resolver still caches "
-    "is a hit, so no row is written for it until the resolver restarts or evicts it",
-)
 async def test_a_pruned_ip_seen_again_gets_its_row_back(tmp_path: Any) -> None:
-    """README, Retention: "A pruned IP seen again is looked up again". A resolver that still
-    caches it answers from memory and sends only a sighting, which updates no row: the ban
-    shows no country on the dashboard for as long as that resolver runs."""
-    from services.persistence.ports import Sightings
+    """README, Retention: "A pruned IP seen again is looked up again", even by a resolver that
+    still caches it (a hit, which writes no row): persistence finds the sighted IP has no row
+    and sends it back as a retry and a refresh, and the resolver writes the row again."""
+    from services.persistence.handlers import PersistenceDeps, on_geo_upsert_batch
     from services.persistence.repository import SqliteGeoRepository
+    from tests.fakes import FakePublisher
 
     r = make_resolver()
     repository = await SqliteGeoRepository.open(tmp_path / "geo.sqlite3")
+    to_resolver = FakePublisher()
+    persistence = PersistenceDeps(repository=repository, publisher=to_resolver, clock=r.clock)
+    applied = 0
 
-    async def apply(batches: Sequence[GeoUpsertBatch]) -> None:
-        for b in batches:
-            seen = None if b.seen is None else Sightings(b.seen.ips, b.seen.at)
-            await repository.upsert_many(b.rows, b.retried, seen)
+    async def deliver() -> None:  # the resolver's geo.upsert to persistence, and back
+        nonlocal applied
+        batches = r.batches()
+        for batch in batches[applied:]:
+            await on_geo_upsert_batch(batch, persistence)
+        applied = len(batches)
 
     try:
         await r.seen("8.8.8.8", "1.1.1.1")
         await flush(r.deps, trigger="test")
-        await apply(r.batches())
-        done = len(r.batches())
+        await deliver()
         assert await repository.prune(iso_utc_from_epoch(r.clock() + 86_400), 2000) == 2
         r.clock.advance(3600)
         await r.seen("8.8.8.8", "1.1.1.1")  # banned again: both hits in the resolver's cache
         await flush(r.deps, trigger="test")
-        await apply(r.batches()[done:])
+        await deliver()
+        retries = to_resolver.on(topology.RETRY)
+        asked = {ip for m in retries for ip in getattr(m, "ips", [])}
+        assert asked  # (the seen batch's carrier row brought one of the two back by itself)
+        assert asked <= {"8.8.8.8", "1.1.1.1"}
+        assert {getattr(m, "refresh", None) for m in retries} == {False, True}
+        for retry in retries:
+            assert isinstance(retry, RetryUnresolved)
+            await on_retry_unresolved(retry, FakeTicket("r"), r.deps)
+        await flush(r.deps, trigger="test")
+        await deliver()
         assert len(await repository.known_rows(["8.8.8.8", "1.1.1.1"])) == 2
     finally:
         await repository.close()
