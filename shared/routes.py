@@ -217,8 +217,8 @@ class WiringError(StartupError):
 
 @dataclass(frozen=True)
 class Wiring:
-    """The routes one service consumes, each with its handler, commands first (with a backlog,
-    events would otherwise delay the commands' consumers, and a geo.flush find no queue)."""
+    """The routes one service consumes, each with its handler, in the order their consumers
+    start: per-replica queues first, then as wired (see ``wiring``)."""
 
     service: Service
     routes: tuple[Wired[Any], ...]
@@ -249,8 +249,15 @@ def wiring(service: Service, *wired: Wired[Any]) -> Wiring:
     problems += [f"{key} not wired" for key in missing]
     if problems:
         raise WiringError(f"{service} routes: " + "; ".join(problems))
-    ordered = sorted(wired, key=lambda entry: entry.route.kind is Kind.EVENT)
+    # Per-replica queues (geo.flush) first: with a backlog, ip.seen deliveries would delay their
+    # registration, and the timer's geo.flush would find no queue bound yet. The others start in
+    # the order wired (the resolver's ip.seen before its requests: it is what a restart waits on).
+    ordered = sorted(wired, key=lambda entry: not _per_replica(entry.route))
     return Wiring(service, tuple(ordered))
+
+
+def _per_replica(route: Route[Any]) -> bool:
+    return route.queue is not None and route.queue.per_replica
 
 
 def consumed_by(service: Service) -> tuple[Route[Any], ...]:

@@ -71,9 +71,16 @@ def test_the_bootstraps_wire_every_route_their_service_consumes() -> None:
     deps = PersistenceDeps(repository=InMemoryGeoRepository(), publisher=FakePublisher())
     persistence = persistence_routes(deps)
     assert {w.route for w in persistence} == set(consumed_by("persistence"))
-    # Commands first: a backlog of ip.seen must not delay the geo.flush consumer.
-    assert [w.route.kind for w in resolver][-1] is Kind.EVENT
-    assert next(iter(resolver)).route is routes.FLUSH
+    # The per-replica geo.flush first (a backlog of ip.seen must not delay its consumer), then
+    # as wired: ip.seen before the requests, as the resolver always started them.
+    assert [w.route for w in resolver] == [
+        routes.FLUSH,
+        routes.IP_SEEN,
+        routes.LOOKUP,
+        routes.RETRY,
+    ]
+    shuffled = wiring("resolver", *reversed(_resolver_wired(resolver_deps())))
+    assert next(iter(shuffled)).route is routes.FLUSH
 
 
 def _resolver_wired(deps: Any) -> list[Wired[Any]]:
