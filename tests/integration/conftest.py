@@ -4,6 +4,7 @@ tap on the timer's ``geo.flush`` commands."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -86,3 +87,15 @@ def any_store(request: pytest.FixtureRequest) -> ServiceGroup:
         "service_group" if request.param == "sqlite" else "pg_service_group"
     )
     return group
+
+
+@pytest.fixture
+def clean_cli_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GEO_* setting of the caller's environment reaches an in-process CLI call, and the CLI
+    leaves logging as pytest set it."""
+    from services.cli import main as cli
+
+    for name in list(os.environ):
+        if name.startswith("GEO_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(cli, "configure_logging", lambda *a, **k: None)

@@ -4,7 +4,6 @@ from the SQLite file, the copy under the upsert rules, and one-line errors witho
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 from collections.abc import Awaitable, Callable
 from contextlib import closing
@@ -14,14 +13,13 @@ import pytest
 
 from bangui_geo.testing.postgres import read_rows
 from bangui_geo.testing.rows import LEGACY_ROWS, LEGACY_TABLE, row
-from services.cli import main as cli
 from services.persistence.ports import GeoRepository
 from services.persistence.repository import SqliteGeoRepository
 from services.persistence.repository_pg import PostgresGeoRepository
 from shared.messages import GeoRow, Resolution
 from tests.cli_runner import run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_cli_env")]
 
 ROWS = [
     row("203.0.113.7", "US", minutes=-3),
@@ -30,14 +28,6 @@ ROWS = [
     row("10.0.0.1", None, resolution=Resolution.NOT_GLOBAL, provider=None),
     row("203.0.113.99", None),
 ]
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("GEO_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setattr(cli, "configure_logging", lambda *a, **k: None)
 
 
 def upsert(open_store: Callable[[], Awaitable[GeoRepository]], *batches: list[GeoRow]) -> None:

@@ -5,7 +5,6 @@ deletes exactly those; every error is one line."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +20,7 @@ from shared.messages import GeoRow, Resolution, iso_utc
 from shared.settings import Settings
 from tests.cli_runner import run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_cli_env")]
 
 NOW = datetime.now(UTC)
 
@@ -38,14 +37,6 @@ def aged(ip: str, days: float, code: str | None = "US") -> GeoRow:
 
 OLD = [aged("203.0.113.1", 200), aged("203.0.113.2", 120), aged("203.0.113.3", 95, None)]
 KEPT = [aged("198.51.100.1", 10), aged("198.51.100.2", 200)]  # .2 is seen 5 days ago
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("GEO_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setattr(cli, "configure_logging", lambda *a, **k: None)
 
 
 def fill(open_store: Callable[[], Awaitable[GeoRepository]]) -> None:

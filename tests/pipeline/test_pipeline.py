@@ -9,27 +9,14 @@ import time
 from collections.abc import Sequence
 from typing import Any, cast
 
-import iptocc
-import pycountry
-
 from bangui_geo.testing import async_poll
+from bangui_geo.testing.expected import expected_row
 from services.persistence.ports import GeoRepository
 from services.persistence.stores import open_repository
 from shared.ipnorm import is_routable, normalize_ip
 from shared.messages import GeoLookupReply, GeoRow, Resolution, iso_utc_from_epoch
 from shared.settings import Settings
 from tests.pipeline.harness import DeadLetter, Pipeline
-
-
-def expected_row(ip: str) -> tuple[str | None, str | None, str]:
-    """(country_code, country_name, resolution) computed from the embedded data directly."""
-    if not is_routable(ip):
-        return None, None, "not_global"
-    code = iptocc.country_code(ip)
-    if code is None:
-        return None, None, "failed"
-    country = pycountry.countries.get(alpha_2=code)
-    return code, (country.name if country else None), "resolved"
 
 
 def summary(rows: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
