@@ -17,7 +17,9 @@ from shared.routes import Wiring
 class Requests(Protocol):
     """Request/reply: the reply's body, or None when none came within ``wait`` seconds."""
 
-    async def request(self, routing_key: str, body: bytes, wait: float) -> bytes | None: ...
+    async def request(
+        self, routing_key: str, body: bytes, wait: float, *, expire: bool = True
+    ) -> bytes | None: ...
 
 
 class Transport(Protocol):

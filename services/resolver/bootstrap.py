@@ -140,7 +140,11 @@ async def run(
         amqp = await transport(resolver_amqp_config(settings), service="resolver", stop=stop)
         resources.push_async_callback(amqp.close)
         requester = await amqp.requester()
-        known = KnownBatcher(partial(requester.request, topology.KNOWN), settings.known_timeout)
+        # No TTL on geo.known: its queue dead-letters what expires there, and an unanswered
+        # question is no bad input (the resolver stops asking for a while after one, so no
+        # backlog builds up while persistence is away; a late answer is dropped).
+        ask = partial(requester.request, topology.KNOWN, expire=False)
+        known = KnownBatcher(ask, settings.known_timeout)
         deps = build_deps(
             settings, lookup=lookup, publisher=amqp.publisher, acker=amqp, known=known
         )

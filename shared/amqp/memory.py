@@ -418,7 +418,9 @@ class MemoryRequester:
 
     broker: MemoryBroker
 
-    async def request(self, routing_key: str, body: bytes, wait: float) -> bytes | None:
+    async def request(
+        self, routing_key: str, body: bytes, wait: float, *, expire: bool = True
+    ) -> bytes | None:
         reply_to = f"{topology.DIRECT_REPLY_TO}.{uuid.uuid4().hex}"
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()

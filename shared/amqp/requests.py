@@ -49,10 +49,15 @@ class Requester:
         requester._tag = await queue.consume(requester._on_reply, no_ack=True)
         return requester
 
-    async def request(self, routing_key: str, body: bytes, wait: float) -> bytes | None:
+    async def request(
+        self, routing_key: str, body: bytes, wait: float, *, expire: bool = True
+    ) -> bytes | None:
         """The reply's body, or None when none came within ``wait`` seconds (nobody
-        answering is the caller's fallback case, never an error). The request expires unread
-        after the same time, so a backlog of stale questions cannot build up."""
+        answering is the caller's fallback case, never an error). With ``expire`` the request
+        expires unread after the same time, so a backlog of stale questions cannot build up;
+        without, it waits for an answerer however late (the reply then finds nobody waiting
+        and is dropped): for a queue whose expired messages the broker would dead-letter into
+        ``geo.dead_letter`` as if they were bad input."""
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = future
@@ -63,7 +68,7 @@ class Requester:
                     content_type="application/json",
                     correlation_id=correlation_id,
                     reply_to=topology.DIRECT_REPLY_TO,
-                    expiration=max(wait, 0.001),
+                    expiration=max(wait, 0.001) if expire else None,
                 ),
                 routing_key,
                 mandatory=False,

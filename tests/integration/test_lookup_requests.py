@@ -23,6 +23,7 @@ from bangui_geo.testing import (
     read_rows,
     wait_for_topology,
 )
+from bangui_geo.testing.amqp import ready_count
 from bangui_geo.testing.http import free_port, scraped
 from bangui_geo.testing.ipapi_standin import IpApiStandIn, Outage, ThreadedStandIn, expected_geo
 from bangui_geo.testing.ips import known_public_ips
@@ -207,3 +208,29 @@ async def test_geo_client_says_when_no_resolver_answers(service_group: ServiceGr
                 await geo.lookup(["1.1.1.1"], timeout=0.2)
     finally:
         persistence.stop()
+
+
+async def test_an_unanswered_known_question_never_reaches_geo_dead_letter(amqp_url: str) -> None:
+    """The resolver's geo.known questions carry no TTL: their queue dead-letters what expires
+    in it, so a question persistence did not answer in time (it was away, reconnecting) would
+    sit in geo.dead_letter beside the bad input. A request with a TTL shows why."""
+    from shared.amqp import declare_topology
+    from shared.amqp.requests import Requester
+
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        await declare_topology(await connection.channel())
+        requester = await Requester.open(connection)
+        body = b'{"ips": ["8.8.8.8"]}'
+        assert await requester.request("geo.known", body, 0.2) is None
+        await async_poll(
+            lambda: ready_count(amqp_url, "geo.dead_letter"), deadline_s=10, what="expired one"
+        )
+        assert await requester.request("geo.known", body, 0.2, expire=False) is None
+        await asyncio.sleep(0.5)
+        assert await ready_count(amqp_url, "geo.persistence.known") == 1  # waits for an answer
+        (dead,) = await drain_queue(amqp_url, "geo.dead_letter")  # only the one with a TTL
+        assert dead.headers["x-death"][0]["reason"] == "expired"
+        await requester.close()
+    finally:
+        await connection.close()
