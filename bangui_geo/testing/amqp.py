@@ -76,14 +76,20 @@ async def drain_queue(amqp_url: str, queue_name: str) -> list[aio_pika.abc.Abstr
 
 
 async def wait_for_topology(amqp_url: str, deadline_s: float = 20.0) -> None:
-    """Wait until a service has declared the topology (the exchange exists)."""
+    """Wait until a service has declared the topology: both exchanges and every durable queue.
+
+    A service declares the queues one by one, each bound at once, ``geo.dead_letter`` last; a
+    test that saw only the first could publish into an exchange whose queue did not exist yet,
+    and the broker drops what no queue is bound for."""
 
     async def declared() -> bool:
         connection = await aio_pika.connect(amqp_url)
         try:
             channel = await connection.channel()
-            await channel.get_exchange("bangui", ensure=True)
-            await channel.get_queue("geo.persistence.upsert", ensure=True)
+            for exchange in ("bangui", "bangui.dlx"):
+                await channel.get_exchange(exchange, ensure=True)
+            for name in DURABLE_QUEUES:
+                await channel.get_queue(name, ensure=True)
             return True
         except Exception:
             return False

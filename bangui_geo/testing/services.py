@@ -5,6 +5,7 @@ kept in a file, and a ``ServiceGroup`` that starts, restarts, kills and stops th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -186,9 +187,12 @@ class ServiceGroup:
         return process
 
     async def start_pipeline(self, **env: str) -> list[ServiceProcess]:
-        """Start the resolver, the timer and persistence, and wait for their topology."""
+        """Start the resolver, the timer and persistence, and wait for their topology and for
+        the resolver and persistence to consume (a loaded machine can take seconds)."""
         started = [self.start(name, **env) for name in ("resolver", "timer", "persistence")]
         await wait_for_topology(self.amqp_url)
+        for name, ready in (("resolver", "resolver_ready"), ("persistence", "persistence_ready")):
+            await asyncio.to_thread(self.wait_event, name, ready)
         return started
 
     def restart(self, name: str) -> ServiceProcess:

@@ -292,13 +292,24 @@ class Consumer(Generic[M]):
     async def _answer(self, message: AbstractIncomingMessage, handler: Answers[M]) -> Outcome:
         """A request: the reply (or ``{"error": ...}`` for a malformed one) goes to its
         ``reply_to`` before the ack; without a ``reply_to`` nobody could read an answer, so it
-        is dead-lettered like any malformed message."""
+        is dead-lettered like any malformed message. A redelivered request is acked unanswered
+        (see below)."""
         if not message.reply_to:
             try:
                 decode(self.route.model, message.body, self.max_bytes)
             except Rejected as exc:
                 raise Rejected(f"{exc.reason} (and no reply_to to answer)") from None
             raise Rejected("a request needs a reply_to property to be answered")
+        if message.redelivered:
+            # Its first answer was cut off. Whoever asked waits a bounded time and falls back,
+            # so a late answer helps nobody, and one to a requester whose broker node has gone
+            # down makes RabbitMQ 3.x close this whole connection (INTERNAL_ERROR, from
+            # rabbit_channel:deliver_reply): answered again, such a request would do that at
+            # every reconnect and keep this service off its queues.
+            log.info(
+                "request_dropped_redelivered", queue=self.queue.name, reply_to=message.reply_to
+            )
+            return Unanswered()
         try:
             model = decode(self.route.model, message.body, self.max_bytes)
         except Rejected as exc:

@@ -66,6 +66,10 @@ class Broker(Protocol):
 
     async def request(self, routing_key: str, body: bytes, wait: float) -> bytes | None: ...
 
+    async def bounce(self, queue: str) -> bool:
+        """Take the first message of ``queue`` and requeue it, redelivered, as a consumer whose
+        connection dropped mid-way would; False while the queue is empty."""
+
     async def run_timer(self, settings: Settings, stop: asyncio.Event) -> None: ...
 
 
@@ -94,6 +98,14 @@ class InMemory:
 
     async def request(self, routing_key: str, body: bytes, wait: float) -> bytes | None:
         return await MemoryRequester(self.broker).request(routing_key, body, wait)
+
+    async def bounce(self, queue: str) -> bool:
+        ready = self.broker.queues[queue].ready
+        if not ready:
+            return False
+        envelope = ready.popleft()
+        self.broker.settle_negatively(self.broker.queues[queue], envelope, requeue=True)
+        return True
 
     async def run_timer(self, settings: Settings, stop: asyncio.Event) -> None:
         await timer.run(settings, stop, transport=self.broker.open)
@@ -134,6 +146,17 @@ class RabbitMq:
                 return await requester.request(routing_key, body, wait)
             finally:
                 await requester.close()
+
+    async def bounce(self, queue: str) -> bool:
+        connection = await aio_pika.connect(self.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            handle = await channel.get_queue(queue, ensure=False)
+            message = await handle.get(fail=False, no_ack=False)
+            if message is None:
+                return False
+            await message.nack(requeue=True)
+            return True
 
     async def run_timer(self, settings: Settings, stop: asyncio.Event) -> None:
         await timer.run(settings, stop)

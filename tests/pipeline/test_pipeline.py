@@ -3,6 +3,7 @@ the fast lane, and the same test bodies on a real RabbitMQ under the integration
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -45,6 +46,11 @@ async def collect_dead_letters(pipeline: Pipeline, count: int) -> list[DeadLette
 
     await async_poll(enough, deadline_s=20, what=f"{count} dead letters")
     return collected
+
+
+async def collect_dead_letters_now(pipeline: Pipeline) -> list[DeadLetter]:
+    pipeline.check_running()
+    return await pipeline.broker.dead_letters()
 
 
 async def test_a_mixed_burst_becomes_exact_rows_and_malformed_bodies_are_dead_lettered(
@@ -251,4 +257,24 @@ async def test_geo_lookup_is_answered(pipeline: Pipeline) -> None:
     refused = await pipeline.broker.request("geo.lookup", b'{"ips": ["nope"]}', wait=5)
     assert refused is not None
     assert "nope" in json.loads(refused)["error"]
+    await pipeline.stop_all()
+
+
+async def test_a_redelivered_request_is_acked_unanswered(pipeline: Pipeline) -> None:
+    # A request whose first answer was cut off: its asker has stopped waiting, and an answer to
+    # an asker on a broker node that went down would make RabbitMQ close the answering
+    # connection, again at every reconnect.
+    pipeline.start("persistence")
+    await pipeline.broker.ready()
+    body = json.dumps({"ips": ["8.8.8.8"], "timeout_ms": 2000}).encode()
+    asking = asyncio.ensure_future(pipeline.broker.request("geo.lookup", body, wait=3))
+    await async_poll(
+        lambda: pipeline.broker.bounce("geo.resolver.lookup"), deadline_s=5, what="the request"
+    )
+    pipeline.start("resolver")
+    assert await asking is None
+    assert await collect_dead_letters_now(pipeline) == []
+    fresh = await pipeline.broker.request("geo.lookup", body, wait=5)
+    assert fresh is not None  # the resolver answers the next one
+    assert [r.ip for r in GeoLookupReply.model_validate_json(fresh).rows] == ["8.8.8.8"]
     await pipeline.stop_all()
