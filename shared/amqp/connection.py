@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -116,14 +116,22 @@ class _Failover:
     the close callbacks on every loss and on every failed attempt, before it schedules the next
     attempt. Channels, queues, bindings and consumers are then restored on
     the new node as after any reconnect.
+
+    A connection whose channels could not be restored gets the callbacks twice for one failure
+    (once from the restore, once as its transport closes with the same error): the second call
+    must not move on again, or a list of two nodes would retry the failing node forever.
     """
 
     urls: tuple[str, ...]
     index: int
+    _last_error: BaseException | None = field(default=None, repr=False)
 
-    def __call__(self, connection: Any, _exc: BaseException | None = None) -> None:
+    def __call__(self, connection: Any, exc: BaseException | None = None) -> None:
         if not isinstance(connection, aio_pika.RobustConnection) or connection.close_called:
             return  # closed on purpose: nothing to fail over to
+        if exc is not None and exc is self._last_error:
+            return  # the same failure, told again
+        self._last_error = exc
         self.index = (self.index + 1) % len(self.urls)
         retarget(connection, self.urls[self.index])
         log.warning("amqp_broker_switched", broker=_endpoint(self.urls[self.index]))

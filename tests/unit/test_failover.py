@@ -32,6 +32,20 @@ async def test_each_loss_points_the_robust_connection_at_the_next_node() -> None
     assert str(connection.url) == NODES[2]  # credentials and vhost kept
 
 
+async def test_one_failure_told_twice_moves_on_once() -> None:
+    # A reconnect whose channels fail to restore runs the callbacks with the error, then closes
+    # the transport with the same error, which runs them again: with two nodes, moving twice
+    # would land on the failing node every time.
+    connection = aio_pika.RobustConnection(make_url(NODES[0]))
+    connection.close_callbacks.add(_Failover(NODES[:2], 0))
+    failure = ConnectionError("channel restore failed")
+    await connection.close_callbacks(failure)
+    await connection.close_callbacks(failure)
+    assert connection.url.port == 5673
+    await connection.close_callbacks(ConnectionError("the next failure"))
+    assert connection.url.port == 5672
+
+
 async def test_a_deliberate_close_does_not_move_the_connection() -> None:
     connection = aio_pika.RobustConnection(make_url(NODES[0]))
     connection.close_callbacks.add(_Failover(NODES, 0))
