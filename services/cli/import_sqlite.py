@@ -4,7 +4,9 @@ For moving from the default store, or from the original BanGUI's table (six colu
 ``resolution`` or ``provider``: those stay NULL, so its unresolved rows are retried as on
 SQLite). Rows go through the PostgreSQL repository in batches of ``BATCH_ROWS``, one transaction
 each, under the same rules as ``geo.upsert``: an older or failed answer never replaces a newer or
-known one, so running it twice, or beside a running persistence, is harmless.
+known one, so running it twice, or beside a running persistence, is harmless. A bangui-geo file's
+``last_seen`` and ``failed_since`` come along (the later sighting, the earlier first failure), so
+retention and the retry back-off see the copied rows as the file did.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from shared.settings import Settings
 
 BATCH_ROWS = 1000
 ORIGINAL_COLUMNS = ("ip", "country_code", "country_name", "asn", "org", "cached_at")
+RETENTION_COLUMNS = ("last_seen", "failed_since")
 
 
 @dataclass
@@ -42,12 +45,15 @@ class ImportCounts:
 
 def source_rows(db: sqlite3.Connection) -> tuple[int, sqlite3.Cursor]:
     """The number of columns of the file's table and a cursor over its rows in ``GeoRow``
-    order; ``resolution`` and ``provider`` read as NULL from the original table."""
+    order, then ``RETENTION_COLUMNS``; what the file's table lacks (``resolution`` and
+    ``provider`` of the original table, the retention columns of an older bangui-geo) reads as
+    NULL."""
     present = {str(c[1]) for c in db.execute("PRAGMA table_info(geo_cache)")}
     missing = [c for c in ORIGINAL_COLUMNS if c not in present]
     if missing:
         raise CliError(f"geo_cache in that file lacks the column(s) {', '.join(missing)}")
-    wanted = [c if c in present else f"NULL AS {c}" for c in GeoRow._fields]
+    names = (*GeoRow._fields, *RETENTION_COLUMNS)
+    wanted = [c if c in present else f"NULL AS {c}" for c in names]
     return len(present), db.execute(f"SELECT {', '.join(wanted)} FROM geo_cache ORDER BY ip")
 
 
@@ -55,6 +61,10 @@ def as_row(values: tuple[object, ...]) -> GeoRow:
     text = [None if v is None else str(v) for v in values]
     # resolution stays as stored: NULL (the original table) is what re-resolve retries.
     return GeoRow(text[0] or "", cast(Resolution, text[1]), *text[2:])  # type: ignore[arg-type]
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 async def import_sqlite(path: Path, url: str) -> ImportCounts:
@@ -65,8 +75,12 @@ async def import_sqlite(path: Path, url: str) -> ImportCounts:
         counts.source_columns, cursor = source_rows(db)
         repository = await PostgresGeoRepository.open(url)
         try:
+            width = len(GeoRow._fields)
             while batch := cursor.fetchmany(BATCH_ROWS):
-                counts.changed += await repository.upsert_many([as_row(v) for v in batch])
+                counts.changed += await repository.upsert_many([as_row(v[:width]) for v in batch])
+                await repository.carry_retention(
+                    [(str(v[0]), _text(v[width]), _text(v[width + 1])) for v in batch]
+                )
                 counts.read += len(batch)
                 counts.batches += 1
         except Transient as exc:

@@ -101,6 +101,18 @@ def columns(rows: Sequence[GeoRow]) -> list[list[str | None]]:
     return [[None if v is None else str(v) for v in column] for column in zip(*rows, strict=True)]
 
 
+# What a copied row knew of its past (bangui-geo import-sqlite): the later last sighting, and for a
+# row still failed the earlier first failure. NULL stands for the row's cached_at in both.
+CARRY_RETENTION = (
+    "UPDATE geo_cache AS g SET"
+    " last_seen = CASE WHEN s.last_seen IS NULL THEN g.last_seen"
+    " ELSE GREATEST(COALESCE(g.last_seen, g.cached_at), s.last_seen) END,"
+    " failed_since = CASE WHEN s.failed_since IS NULL OR g.resolution IS DISTINCT FROM 'failed'"
+    " THEN g.failed_since ELSE LEAST(COALESCE(g.failed_since, g.cached_at), s.failed_since) END"
+    " FROM unnest(%s::text[], %s::text[], %s::text[]) AS s(ip, last_seen, failed_since)"
+    " WHERE g.ip = s.ip AND (s.last_seen IS NOT NULL OR s.failed_since IS NOT NULL)"
+)
+
 # The IPs of an array with no row: one primary-key probe each.
 SELECT_MISSING_PG = (
     "SELECT s.ip FROM unnest(%s::text[]) AS s(ip) LEFT JOIN geo_cache AS g ON g.ip = s.ip"
@@ -178,6 +190,21 @@ class PostgresGeoRepository:
             # In IP order, as the rows: two writers lock overlapping rows in the same order.
             await db.execute(MARK_SEEN_PG, (seen.at, sorted(seen.ips), seen.day_start))
         return changed
+
+    async def carry_retention(self, rows: Sequence[tuple[str, str | None, str | None]]) -> None:
+        """(ip, last_seen, failed_since) of rows copied from another ``geo_cache``, which an
+        upsert does not carry: without them a copied row would look unseen since it was
+        cached (``prune``) and a long-failed one young (the retry back-off)."""
+        if not rows:
+            return
+        ips, seen, failed = (list(column) for column in zip(*rows, strict=True))
+        async with self._lock:
+            db = await self._connection()
+            try:
+                await db.execute(CARRY_RETENTION, (ips, seen, failed))
+            except (psycopg.OperationalError, psycopg.InterfaceError, ReadOnly) as exc:
+                raise await self._transient("write", exc) from exc
+        self.commits += 1
 
     async def unresolved_ips(self, backoff: RetryBackoff | None = None) -> list[str]:
         query: str = SELECT_UNRESOLVED

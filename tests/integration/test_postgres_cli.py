@@ -7,16 +7,18 @@ import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
 from contextlib import closing
+from datetime import timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from bangui_geo.testing.postgres import read_rows
-from bangui_geo.testing.rows import LEGACY_ROWS, LEGACY_TABLE, row
+from bangui_geo.testing.rows import LEGACY_ROWS, LEGACY_TABLE, T0, row
 from services.persistence.ports import GeoRepository
 from services.persistence.repository import SqliteGeoRepository
 from services.persistence.repository_pg import PostgresGeoRepository
-from shared.messages import GeoRow, Resolution
+from shared.messages import GeoRow, Resolution, iso_utc
 from tests.cli_runner import run
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_cli_env")]
@@ -115,6 +117,42 @@ def test_import_copies_a_current_file_under_the_upsert_rules(
     code, out, _ = run(capsys, monkeypatch, env, "import-sqlite", str(path))  # again: harmless
     assert code == 0
     assert read_rows(pg_url) == stored
+
+
+def retention(pg_url: str) -> dict[str, tuple[str | None, str | None]]:
+    with psycopg.connect(pg_url) as db:
+        found = db.execute("SELECT ip, last_seen, failed_since FROM geo_cache").fetchall()
+    return {ip: (seen, failed) for ip, seen, failed in found}
+
+
+def test_import_carries_when_rows_were_last_seen_and_first_failed(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "geo.sqlite3"
+    upsert(lambda: SqliteGeoRepository.open(path), ROWS)
+    seen, later = iso_utc(T0 + timedelta(days=30)), iso_utc(T0 + timedelta(days=40))
+    first_failed = iso_utc(T0 - timedelta(days=200))
+    with closing(sqlite3.connect(path)) as db:
+        db.executemany(
+            "UPDATE geo_cache SET last_seen = ?, failed_since = ? WHERE ip = ?",
+            [
+                (seen, None, "203.0.113.7"),
+                (seen, first_failed, "203.0.113.99"),
+                (seen, None, "198.51.100.1"),
+            ],
+        )
+        db.commit()
+    upsert(lambda: PostgresGeoRepository.open(pg_url), [row("198.51.100.1", "US", minutes=-9)])
+    with psycopg.connect(pg_url) as db:  # seen later than the file says
+        db.execute("UPDATE geo_cache SET last_seen = %s WHERE ip = '198.51.100.1'", (later,))
+    code, _, err = run(capsys, monkeypatch, {"GEO_DB_URL": pg_url}, "import-sqlite", str(path))
+    assert (code, err) == (0, "")
+    carried = retention(pg_url)
+    assert carried["203.0.113.7"] == (seen, None)
+    # A failed row keeps when it first failed, so the retry back-off treats it as old.
+    assert carried["203.0.113.99"] == (seen, first_failed)
+    assert carried["198.51.100.1"] == (later, None)  # the later kept
+    assert carried["2001:db8::1"] == (None, None)  # nothing to carry: cached_at stands for both
 
 
 def test_import_of_the_original_table_keeps_its_rows_retryable(
