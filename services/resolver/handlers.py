@@ -100,6 +100,10 @@ async def on_retry_unresolved(cmd: RetryUnresolved, ticket: Ticket, deps: Resolv
         await hold_or_ack(cmd.ips, ticket, deps)
         return
     again = deps.cache.forget_failures(cmd.ips)
+    # A private address is retried only when its row is gone (pruned; persistence asks for
+    # sighted IPs without a row): no provider is asked, so no refresh would write it again.
+    looked_up = set(again)
+    again += [ip for ip in dict.fromkeys(cmd.ips) if ip not in looked_up and not is_routable(ip)]
     await _resolve(again, deps)
     deps.log.info("geo_retry_ran", tick_id=cmd.tick_id, ips=len(cmd.ips), looked_up=len(again))
     await hold_or_ack(cmd.ips, ticket, deps)

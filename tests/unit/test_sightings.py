@@ -174,7 +174,18 @@ def test_a_window_full_of_distinct_addresses_is_compacted_once_not_per_delivery(
     assert cache.sighting_compactions == 2
 
 
-async def test_a_pruned_ip_seen_again_gets_its_row_back(tmp_path: Any) -> None:
+@pytest.mark.parametrize(
+    "ips",
+    [
+        ("8.8.8.8", "1.1.1.1"),
+        # Private addresses too: no provider looks them up, so a refresh cannot bring them
+        # back; the retry writes their not_global row again.
+        ("8.8.8.8", "10.0.0.1", "192.168.1.1"),
+    ],
+)
+async def test_a_pruned_ip_seen_again_gets_its_row_back(
+    tmp_path: Any, ips: tuple[str, ...]
+) -> None:
     """README, Retention: "A pruned IP seen again is looked up again", even by a resolver that
     still caches it (a hit, which writes no row): persistence finds the sighted IP has no row
     and sends it back as a retry and a refresh, and the resolver writes the row again."""
@@ -196,24 +207,24 @@ async def test_a_pruned_ip_seen_again_gets_its_row_back(tmp_path: Any) -> None:
         applied = len(batches)
 
     try:
-        await r.seen("8.8.8.8", "1.1.1.1")
+        await r.seen(*ips)
         await flush(r.deps, trigger="test")
         await deliver()
-        assert await repository.prune(iso_utc_from_epoch(r.clock() + 86_400), 2000) == 2
+        assert await repository.prune(iso_utc_from_epoch(r.clock() + 86_400), 2000) == len(ips)
         r.clock.advance(3600)
-        await r.seen("8.8.8.8", "1.1.1.1")  # banned again: both hits in the resolver's cache
+        await r.seen(*ips)  # banned again: all hits in the resolver's cache
         await flush(r.deps, trigger="test")
         await deliver()
         retries = to_resolver.on(topology.RETRY)
         asked = {ip for m in retries for ip in getattr(m, "ips", [])}
         assert asked  # (the seen batch's carrier row brought one of the two back by itself)
-        assert asked <= {"8.8.8.8", "1.1.1.1"}
+        assert asked <= set(ips)
         assert {getattr(m, "refresh", None) for m in retries} == {False, True}
         for retry in retries:
             assert isinstance(retry, RetryUnresolved)
             await on_retry_unresolved(retry, FakeTicket("r"), r.deps)
         await flush(r.deps, trigger="test")
         await deliver()
-        assert len(await repository.known_rows(["8.8.8.8", "1.1.1.1"])) == 2
+        assert len(await repository.known_rows(list(ips))) == len(ips)
     finally:
         await repository.close()
