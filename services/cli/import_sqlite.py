@@ -58,7 +58,7 @@ def source_rows(db: sqlite3.Connection) -> tuple[int, sqlite3.Cursor]:
 
 
 def as_row(values: tuple[object, ...]) -> GeoRow:
-    text = [None if v is None else str(v) for v in values]
+    text = [_text(v) for v in values]
     # resolution stays as stored: NULL (the original table) is what re-resolve retries.
     return GeoRow(text[0] or "", cast(Resolution, text[1]), *text[2:])  # type: ignore[arg-type]
 

@@ -207,39 +207,19 @@ class PostgresGeoRepository:
         self.commits += 1
 
     async def unresolved_ips(self, backoff: RetryBackoff | None = None) -> list[str]:
-        query: str = SELECT_UNRESOLVED
-        args: tuple[str, ...] = ()
-        if backoff is not None:
-            query = SELECT_DUE.format("%s", "%s")
-            args = (backoff.young_after, backoff.tried_before)
-        async with self._lock:
-            db = await self._connection()
-            try:
-                cursor = await db.execute(query, args)
-                found = await cursor.fetchall()
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                raise await self._transient("read", exc) from exc
+        if backoff is None:
+            found = await self._read(SELECT_UNRESOLVED)
+        else:
+            due = SELECT_DUE.format("%s", "%s")
+            found = await self._read(due, (backoff.young_after, backoff.tried_before))
         return [str(row[0]) for row in found]
 
     async def missing(self, ips: Sequence[str]) -> list[str]:
-        async with self._lock:
-            db = await self._connection()
-            try:
-                cursor = await db.execute(SELECT_MISSING_PG, (list(ips),))
-                found = await cursor.fetchall()
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                raise await self._transient("read", exc) from exc
-        return [str(row[0]) for row in found]
+        return [str(row[0]) for row in await self._read(SELECT_MISSING_PG, (list(ips),))]
 
     async def count_unseen(self, before: str) -> int:
-        async with self._lock:
-            db = await self._connection()
-            try:
-                cursor = await db.execute(COUNT_UNSEEN.format("%s"), (before,))
-                found = await cursor.fetchone()
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                raise await self._transient("read", exc) from exc
-        return 0 if found is None else int(found[0])
+        found = await self._read(COUNT_UNSEEN.format("%s"), (before,))
+        return int(found[0][0]) if found else 0
 
     async def prune(self, before: str, chunk: int) -> int:
         """Pages along the primary key, each a read then a DELETE of at most ``chunk`` rows
@@ -264,25 +244,22 @@ class PostgresGeoRepository:
             await asyncio.sleep(0)
 
     async def stale_ips(self, older_than: str, limit: int) -> list[str]:
-        async with self._lock:
-            db = await self._connection()
-            try:
-                cursor = await db.execute(SELECT_STALE.format("%s", "%s"), (older_than, limit))
-                found = await cursor.fetchall()
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                raise await self._transient("read", exc) from exc
+        found = await self._read(SELECT_STALE.format("%s", "%s"), (older_than, limit))
         return [str(row[0]) for row in found]
 
     async def known_rows(self, ips: Sequence[str]) -> list[GeoRow]:
-        sql = select_known("SELECT unnest(%s::text[])")
+        found = await self._read(select_known("SELECT unnest(%s::text[])"), (list(ips),))
+        return [known_row(row) for row in found]
+
+    async def _read(self, sql: str, args: Sequence[object] = ()) -> list[TupleRow]:
+        """Every row of one query, on the one connection; a lost connection is ``Transient``."""
         async with self._lock:
             db = await self._connection()
             try:
-                cursor = await db.execute(sql, (list(ips),))
-                found = await cursor.fetchall()
+                cursor = await db.execute(sql, args)
+                return await cursor.fetchall()
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 raise await self._transient("read", exc) from exc
-        return [known_row(row) for row in found]
 
     async def close(self) -> None:
         if self._db is not None:
